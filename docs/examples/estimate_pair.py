@@ -1,0 +1,72 @@
+"""Quick start: equivariance uncertainty of one registration, on real anatomy, in about a minute on a CPU.
+
+Builds a pair from the MNI152 template that ships with nilearn (4 mm): the target is the template moved
+by a known rigid transform. It registers the pair with the classical affine baseline backend, runs the
+estimator (K rigid perturbations) and prints the mean std_mm inside the brain, next to the true error of
+the unperturbed prediction.
+
+    python docs/examples/estimate_pair.py [--samples 8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+from pipeline import transforms as T
+from pipeline.backends.affine_opt import AffineOptimisation
+from pipeline.estimator import EstimatorConfig, estimate_uncertainty
+from pipeline.perturbations import PerturbationConfig, _rotation
+from storage.nifti import load_volume, save_volume
+
+
+def make_pair(out: Path) -> tuple[Path, Path, np.ndarray]:
+    """Write source.nii.gz (template) and target.nii.gz (template moved rigidly); return the true map."""
+    tpl = load_mni152_template(resolution=4)
+    data = np.asarray(tpl.dataobj, dtype=np.float32)
+    affine = tpl.affine
+    rot = _rotation(torch.deg2rad(torch.tensor([[3.0, -2.0, 6.0]], dtype=torch.float64)), 3)[0]
+    centre = T.grid_centre_mm(data.shape, torch.as_tensor(affine))
+    world = T.matrix_from_parts(rot, centre - rot @ centre + torch.tensor([5.0, -3.0, 2.0], dtype=torch.float64))
+    vox = T.voxel_matrix_from_world(world, torch.as_tensor(affine))  # target voxel -> source voxel
+    phi = T.affine_map(vox, data.shape, torch.float64)
+    target = T.warp(torch.as_tensor(data)[None, None], phi.float())[0, 0].numpy()
+    save_volume(out / "source.nii.gz", data, affine)
+    save_volume(out / "target.nii.gz", target, affine)
+    return out / "source.nii.gz", out / "target.nii.gz", phi[0].numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the pair (default: a temp folder)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = args.out or Path(tempfile.mkdtemp(prefix="equiqc-example-"))
+    out.mkdir(parents=True, exist_ok=True)
+    src_path, tgt_path, true_map = make_pair(out)
+    source, target = load_volume(src_path), load_volume(tgt_path)
+    brain = np.asarray(load_mni152_brain_mask(resolution=4).dataobj) > 0
+
+    config = EstimatorConfig(samples=args.samples, batch_size=4, perturbation=PerturbationConfig(kind="rigid"))
+    start = time.perf_counter()
+    result = estimate_uncertainty(AffineOptimisation(), source.data, target.data, source.affine, target.affine,
+                                  config, seed=0)
+    elapsed = time.perf_counter() - start
+    lin = source.affine[:3, :3]
+    err_mm = np.linalg.norm(np.einsum("ij,j...->i...", lin, result.prediction_map - true_map), axis=0)
+    ok = brain & (result.n_valid >= 2)
+    print(f"pair: {src_path} -> {tgt_path} ({'x'.join(map(str, target.data.shape))} voxels, 4 mm)")
+    print(f"K={result.n_samples} rigid perturbations in {elapsed:.1f} s")
+    print(f"mean std_mm in the brain: {np.nanmean(result.std_mm[ok]):.3f} mm")
+    print(f"true error of the prediction in the brain: {err_mm[ok].mean():.3f} mm")
+
+
+if __name__ == "__main__":
+    main()

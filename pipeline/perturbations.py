@@ -1,0 +1,202 @@
+"""Random spatial perturbations ``tau`` of the source image.
+
+Every perturbation is defined in physical space (mm, degrees) about the centre of the source grid and
+is applied as a map on the source grid (voxel units, DESIGN convention): ``A'_k = warp(A, tau_k)``.
+
+Families (``PerturbationConfig.kind``):
+
+* ``translation``: ``x -> x + t``, each component of ``t`` uniform in ``[-max_translation_mm, +]``.
+* ``rigid``: rotation about the grid centre (each Euler angle uniform in ``[-max_rotation_deg, +]``, one
+  angle in 2D) followed by a translation as above.
+* ``affine``: rigid, plus per-axis log-scales uniform in ``[-max_log_scale, +]`` and shears uniform in
+  ``[-max_shear, +]``.
+* ``diffeomorphic``: ``exp(v)`` of a smooth stationary velocity field, drawn as Gaussian noise on a coarse
+  control grid (``control_spacing_mm``), smoothed, scaled so the per-component standard deviation is
+  ``velocity_std_mm``, upsampled linearly to the source grid and integrated by scaling and squaring.
+
+Defaults are small enough that a registration model sees inputs close to its training distribution
+(a few mm, a few degrees), which is what the equivariance argument needs: the spread should reflect the
+model's sensitivity, not an out-of-distribution failure caused by the perturbation itself.
+
+Random draws come from a CPU ``torch.Generator`` (see :func:`pair_seed`), so a pair's perturbations are
+the same on every device and for every batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import transforms as T
+
+Tensor = torch.Tensor
+
+KINDS = ("translation", "rigid", "affine", "diffeomorphic")
+
+
+@dataclass(frozen=True)
+class PerturbationConfig:
+    """Perturbation family and its magnitudes (physical units)."""
+
+    kind: str = "rigid"
+    max_translation_mm: float = 4.0
+    max_rotation_deg: float = 4.0
+    max_log_scale: float = 0.04
+    max_shear: float = 0.04
+    velocity_std_mm: float = 1.5
+    control_spacing_mm: float = 24.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown perturbation kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        for name, value in asdict(self).items():
+            if name != "kind" and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"perturbation option {name} must be a finite number >= 0, got {value}")
+        if self.control_spacing_mm <= 0:
+            raise ValueError("perturbation option control_spacing_mm must be > 0")
+
+    @property
+    def is_affine(self) -> bool:
+        return self.kind != "diffeomorphic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pair_seed(run_seed: int, pair_id: str) -> int:
+    """Stable 63-bit seed from (run seed, pair id), independent of Python's hash randomisation."""
+    digest = hashlib.sha256(f"{int(run_seed)}:{pair_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Perturbations:
+    """K perturbations of one source grid.
+
+    ``matrices``: ``(K, D+1, D+1)`` float64 homogeneous matrices in source *voxel* coordinates (affine
+    families), or ``None``. ``velocity``: ``(K, D, *coarse)`` float64 velocity on the coarse control grid in
+    source voxel units (diffeomorphic family), or ``None``. Dense maps are built per batch on demand, so
+    memory does not grow with K.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    matrices: Tensor | None = None
+    velocity: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int((self.matrices if self.matrices is not None else self.velocity).shape[0])
+
+    @property
+    def is_affine(self) -> bool:
+        return self.matrices is not None
+
+    def maps(self, index: Tensor | Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+        """Dense maps ``tau`` ``(b, D, *shape)`` on the source grid for the selected perturbations."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if self.matrices is not None:
+            return T.affine_map(self.matrices[index].to(device), self.shape, dtype)
+        v = self.velocity[index].to(device=device, dtype=dtype)
+        v = F.interpolate(v, size=self.shape, mode="bilinear" if len(self.shape) == 2 else "trilinear",
+                          align_corners=True)
+        return T.displacement_to_map(T.scaling_and_squaring(v))
+
+    def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, tau: Tensor | None = None) -> Tensor:
+        """``psi = tau o phi'`` for the selected perturbations; exact for affine families.
+
+        ``phi_prime``: ``(b, D, *target)`` predictions on the perturbed source (voxel units of the source
+        grid). ``tau``: the dense maps from :meth:`maps` (needed for the diffeomorphic family only).
+        """
+        index = torch.as_tensor(index, dtype=torch.long)
+        if self.matrices is not None:
+            return T.apply_affine(self.matrices[index].to(phi_prime.device), phi_prime)
+        if tau is None:
+            tau = self.maps(index, phi_prime.device, phi_prime.dtype)
+        return T.compose(tau, phi_prime)
+
+
+def _rotation(angles_rad: Tensor, d: int) -> Tensor:
+    """Rotation matrices (K, D, D) from angles (K, 1) in 2D or Euler angles (K, 3) about axes 0, 1, 2 in 3D."""
+    k = angles_rad.shape[0]
+    if d == 2:
+        c, s = torch.cos(angles_rad[:, 0]), torch.sin(angles_rad[:, 0])
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    out = torch.eye(3, dtype=angles_rad.dtype).repeat(k, 1, 1)
+    for axis in range(3):
+        c, s = torch.cos(angles_rad[:, axis]), torch.sin(angles_rad[:, axis])
+        i, j = [a for a in range(3) if a != axis]
+        r = torch.eye(3, dtype=angles_rad.dtype).repeat(k, 1, 1)
+        r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+        out = r @ out
+    return out
+
+
+def world_linear_parts(config: PerturbationConfig, k: int, d: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw K linear parts (K, D, D) and translations (K, D) in world space (mm) for an affine family."""
+
+    def uniform(*size: int, half: float) -> Tensor:
+        return (torch.rand(*size, generator=generator, dtype=torch.float64) * 2 - 1) * half
+
+    translation = uniform(k, d, half=config.max_translation_mm)
+    linear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    if config.kind in ("rigid", "affine"):
+        n_angles = 1 if d == 2 else 3
+        linear = _rotation(torch.deg2rad(uniform(k, n_angles, half=config.max_rotation_deg)), d)
+    if config.kind == "affine":
+        scale = torch.diag_embed(torch.exp(uniform(k, d, half=config.max_log_scale)))
+        shear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+        iu = torch.triu_indices(d, d, offset=1)
+        shear[:, iu[0], iu[1]] = uniform(k, iu.shape[1], half=config.max_shear)
+        linear = linear @ shear @ scale
+    return linear, translation
+
+
+def sample_perturbations(
+    config: PerturbationConfig,
+    k: int,
+    shape: Sequence[int],
+    affine: Tensor | None = None,
+    seed: int = 0,
+) -> Perturbations:
+    """Draw ``k`` perturbations for a source grid of ``shape`` with voxel-to-world ``affine`` (mm).
+
+    Affine families: the world transform ``x -> L (x - c) + c + t`` (``c`` the grid centre in mm) is
+    expressed in voxel coordinates as ``A^-1 W A``. Diffeomorphic: a velocity field in mm converted to
+    voxel units with ``A``'s linear part.
+    """
+    shape = tuple(int(n) for n in shape)
+    d = len(shape)
+    a = T.as_matrix(affine, d)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    if config.is_affine:
+        linear, translation = world_linear_parts(config, k, d, gen)
+        c = T.grid_centre_mm(shape, a)
+        world = T.matrix_from_parts(linear, translation + c - (linear @ c))
+        return Perturbations(config.kind, shape, matrices=T.voxel_matrix_from_world(world, a))
+    spacing = torch.linalg.norm(a[:d, :d], dim=0)  # mm per voxel along each array axis
+    extent = spacing * torch.tensor([n - 1 for n in shape], dtype=torch.float64)
+    coarse = [max(3, int(math.ceil(float(e) / config.control_spacing_mm)) + 1) for e in extent]
+    noise = torch.randn(k, d, *coarse, generator=gen, dtype=torch.float64)
+    noise = _smooth(noise)
+    std = noise.flatten(2).std(dim=2).clamp_min(1e-12).view(k, d, *([1] * d))
+    v_mm = noise / std * config.velocity_std_mm
+    inv_lin = torch.linalg.inv(a[:d, :d])
+    v_vox = torch.einsum("ij,kj...->ki...", inv_lin, v_mm)
+    return Perturbations(config.kind, shape, velocity=v_vox)
+
+
+def _smooth(x: Tensor) -> Tensor:
+    """Separable [1, 2, 1]/4 smoothing along every spatial axis (replicate padding)."""
+    d = x.dim() - 2
+    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype)
+    for axis in range(d):
+        moved = x.movedim(2 + axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        flat = F.conv1d(F.pad(flat, (1, 1), mode="replicate"), kernel.view(1, 1, 3))
+        x = flat.reshape(moved.shape).movedim(-1, 2 + axis)
+    return x

@@ -1,0 +1,1 @@
+"""equiqc storage: manifests, NIfTI <-> Zarr, result store, reports. Imports ``pipeline`` only for types."""

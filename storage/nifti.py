@@ -1,0 +1,62 @@
+"""Reading NIfTI volumes into DESIGN's array convention, and writing them back in their own orientation.
+
+Volumes are reoriented to the closest canonical RAS+ orientation (``nibabel.as_closest_canonical``): a
+permutation/flip of array axes, no resampling. The original affine and orientation are kept so that
+results can be written back onto the original grid exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used, with a message naming the file and what to do."""
+
+
+@dataclass
+class Volume:
+    """A 3D volume in closest-canonical RAS+ array order.
+
+    data: ``(X, Y, Z)`` array, axes R, A, S. affine: its voxel-to-world (mm) 4x4. original_affine and
+    original_shape: the file's own grid, orientation: the file's axis codes (e.g. ``('L', 'P', 'S')``).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, ...]
+    orientation: tuple[str, ...]
+
+    @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def load_volume(path: str | Path, dtype=np.float32) -> Volume:
+    """Load a ``.nii``/``.nii.gz`` file as a RAS+ :class:`Volume`; a 4D file must hold a single volume."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: file not found; check the path (relative paths resolve against the manifest)")
+    try:
+        img = nib.load(str(path))
+        orientation = tuple(nib.aff2axcodes(img.affine))
+        canonical = nib.as_closest_canonical(img)
+        data = np.asanyarray(canonical.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise VolumeError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeError(f"{path}: expected a 3D volume (or 4D with one volume), got shape {data.shape}")
+    return Volume(data.astype(dtype, copy=False), canonical.affine.astype(np.float64),
+                  img.affine.astype(np.float64), tuple(int(n) for n in img.shape[:3]), orientation)
+
+
+def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a 3D (or 3D + channels) array with its voxel-to-world affine as NIfTI."""
+    nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64)), str(path))

@@ -1,0 +1,110 @@
+"""Test doubles for the backend protocol: registration "models" with an exactly known answer.
+
+The images are *coordinate images*: the source's channels hold its own voxel coordinates (one channel
+per axis) plus a channel of ones marking the field of view, so ``A o tau`` holds ``tau`` itself. The
+target holds ``phi_AB`` (the source coordinates each target voxel corresponds to). A solver that only
+reads the pixels can then register exactly: ``phi' = (A')^-1 o B``. That makes it perfectly equivariant,
+and error of any known law can be injected on top of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import transforms as T
+
+Tensor = torch.Tensor
+
+
+def coordinate_source(shape) -> Tensor:
+    """``(1, D+1, *shape)``: voxel coordinates of the grid and a ones channel."""
+    grid = T.identity_grid(shape, torch.float32)
+    return torch.cat([grid, torch.ones_like(grid[:, :1])], 1)
+
+
+def coordinate_target(phi_ab: Tensor, source_shape) -> Tensor:
+    """``(1, D+1, *target)``: the true map's coordinates and a mask of where it lands inside the source."""
+    inside = T.inside_grid(phi_ab, source_shape).to(phi_ab.dtype)
+    return torch.cat([phi_ab, inside[:, None]], 1).float()
+
+
+class ExactSolver:
+    """Reads ``tau`` from the perturbed coordinate image and returns ``tau^-1 o phi_AB`` exactly.
+
+    ``mode="affine"``: fits an affine to the valid voxels of ``A'`` (exact for affine ``tau``).
+    ``mode="dense"``: inverts ``A'`` pointwise by fixed-point iteration with linear interpolation (for
+    smooth, small non-affine ``tau``; exact up to interpolation error).
+    """
+
+    name = "exact"
+    stochastic = False
+    input_shape = None
+
+    def __init__(self, mode: str = "affine", device: str = "cpu", iterations: int = 30):
+        self.mode = mode
+        self.device = torch.device(device)
+        self.iterations = iterations
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def solve(self, source: Tensor, target: Tensor) -> Tensor:
+        d = source.dim() - 2
+        coords_src, ones = source[:, :d].double(), source[:, d]
+        want = target[:, :d].double()
+        if self.mode == "affine":
+            out = []
+            for b in range(source.shape[0]):
+                valid = ones[b] > 1 - 1e-6
+                x = T.identity_grid(source.shape[2:], torch.float64, source.device)[0][:, valid].T
+                y = coords_src[b][:, valid].T
+                design = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+                sol = torch.linalg.lstsq(design, y).solution  # (D+1, D): y = x @ L^T + t
+                m = T.matrix_from_parts(sol[:d].T, sol[d])
+                out.append(T.apply_affine(T.invert_affine(m), want[b : b + 1]))
+            return torch.cat(out).float()
+        x = want.clone()
+        for _ in range(self.iterations):
+            x = x + (want - T.warp(coords_src, x, padding="border"))
+        return x.float()
+
+    def register(self, source, target, source_affine=None, target_affine=None) -> Tensor:
+        self.calls += 1
+        self.batch_sizes.append(source.shape[0])
+        return self.solve(source, target)
+
+
+class NoisySolver(ExactSolver):
+    """Exact solver plus i.i.d. Gaussian error per voxel with covariance ``sigma_mm2`` (mm^2, world axes;
+    ``None`` for no noise, which makes the model deterministic).
+
+    ``bias_per_translation``: adds ``alpha * t`` to the prediction, where ``t`` is the displacement of
+    ``tau`` at the grid centre (voxel units): a bias that depends on the perturbation.
+    """
+
+    stochastic = True
+
+    def __init__(self, sigma_mm2: np.ndarray | None, source_affine: np.ndarray, mode: str = "affine",
+                 bias_per_translation: float = 0.0, seed: int | None = 0):
+        super().__init__(mode)
+        self.stochastic = sigma_mm2 is not None
+        self.chol_vox = None
+        if sigma_mm2 is not None:
+            d = sigma_mm2.shape[0]
+            lin = np.asarray(source_affine, dtype=np.float64)[:d, :d]
+            self.chol_vox = torch.as_tensor(np.linalg.inv(lin) @ np.linalg.cholesky(sigma_mm2))
+        self.alpha = bias_per_translation
+        # seed=None: draw from torch's global RNG, like dropout does (the estimator seeds it per pair).
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def register(self, source, target, source_affine=None, target_affine=None) -> Tensor:
+        phi = super().register(source, target).double()
+        d = phi.shape[1]
+        if self.chol_vox is not None:
+            z = torch.randn(phi.shape, generator=self.generator, dtype=torch.float64)
+            phi = phi + torch.einsum("ij,bj...->bi...", self.chol_vox, z)
+        if self.alpha:
+            centre = tuple(n // 2 for n in source.shape[2:])
+            t = source[(slice(None), slice(0, d), *centre)].double() - torch.tensor(centre, dtype=torch.float64)
+            phi = phi + self.alpha * t.view(-1, d, *([1] * d))
+        return phi.float()

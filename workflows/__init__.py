@@ -1,0 +1,1 @@
+"""equiqc orchestration: Dask clusters and graphs, the CLI, the demo."""
