@@ -44,9 +44,15 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
         raise VolumeError(f"{path}: file not found; check the path (relative paths resolve against the manifest)")
     try:
         img = nib.load(str(path))
+        if 0 in img.shape:
+            raise VolumeError(f"{path}: a zero-length axis (shape {img.shape}); the file holds no voxels")
+        if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+            raise VolumeError(f"{path}: singular or non-finite affine; fix the file's header (qform/sform)")
         orientation = tuple(nib.aff2axcodes(img.affine))
         canonical = nib.as_closest_canonical(img)
         data = np.asanyarray(canonical.dataobj)
+    except VolumeError:
+        raise
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise VolumeError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:

@@ -1,0 +1,185 @@
+"""NIfTI -> chunked Zarr ingest of a cohort: ``cohort.zarr/pairs/<pair_id>/{source,target,...}``.
+
+Each volume is reoriented to closest-canonical RAS+ (:mod:`storage.nifti`) and stored as a Zarr v3 array
+with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``original_shape``,
+``orientation`` (the file's axis codes), ``spacing_mm``, ``source_dtype``, ``sha256`` (of the file's
+bytes) and ``path``. Images are stored as float32, masks as uint8, labels as int32, ground-truth maps as
+float32 ``(3, X, Y, Z)``.
+
+Chunks are 64^3 voxels (1 MiB of float32): a worker reads a whole volume, so chunks only need to be
+large enough to compress well and to be read in parallel, and small enough that a slice view (the HTML
+report) touches few of them. Arrays use Zarr's default compression (zstd).
+
+Ingest is idempotent: the pair group records the hashes of its input files, and re-ingesting unchanged
+files is skipped. A changed file replaces the whole pair (and its new ``input_hash`` makes any stored
+result for the old inputs stale, see :mod:`storage.results`). A pair that fails validation is recorded
+with ``status="failed"`` and its ``error``; other pairs are unaffected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+
+from storage.manifest import PairSpec
+from storage.nifti import Volume, VolumeError, load_volume
+
+CHUNK = 64
+ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
+               "source_labels": np.int32, "target_labels": np.int32}
+GRID_OF = {"source_mask": "source", "source_labels": "source", "target_mask": "target",
+           "target_labels": "target", "ground_truth": "target"}
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What ingest did with one pair: ``status`` is ``ingested``, ``unchanged`` or ``failed``."""
+
+    pair_id: str
+    status: str
+    error: str | None = None
+    input_hash: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_cohort(store: str | Path) -> zarr.Group:
+    """Open (creating if needed) a cohort store with its ``pairs`` group."""
+    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    root.require_group("pairs")
+    return root
+
+
+def _check_volume(role: str, path: Path, vol: Volume, max_voxels: int | None) -> None:
+    if 0 in vol.data.shape:
+        raise VolumeError(f"{role} {path}: a zero-length axis (shape {vol.data.shape})")
+    if max_voxels is not None and vol.data.size > max_voxels:
+        raise VolumeError(f"{role} {path}: {vol.data.size} voxels exceed the memory guard of {max_voxels}; "
+                          "downsample the image or raise the limit (--max-voxels)")
+    if not np.isfinite(vol.data).all():
+        bad = int((~np.isfinite(vol.data)).sum())
+        raise VolumeError(f"{role} {path}: {bad} NaN or infinite voxels; clean the image before QC")
+    if role in ("source", "target") and float(vol.data.min()) == float(vol.data.max()):
+        raise VolumeError(f"{role} {path}: the image is constant ({float(vol.data.min())}); nothing to register")
+
+
+def _load_ground_truth(path: Path, target: Volume) -> np.ndarray:
+    img = nib.load(str(path))
+    if img.shape[:3] != target.original_shape or not np.allclose(img.affine, target.original_affine, atol=1e-3):
+        raise VolumeError(f"ground_truth {path}: not on the target's grid (shape {img.shape[:3]} vs "
+                          f"{target.original_shape})")
+    data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
+    data = data.reshape(*data.shape[:3], -1)
+    if data.shape[3] != 3 or not np.isfinite(data).all():
+        raise VolumeError(f"ground_truth {path}: expected a finite map with 3 components per voxel")
+    return np.moveaxis(data, 3, 0)
+
+
+def load_pair(spec: PairSpec, max_voxels: int | None = None) -> dict[str, tuple[np.ndarray, Volume]]:
+    """Load and validate every file of a pair; raises :class:`VolumeError` naming the first problem."""
+    volumes: dict[str, Volume] = {}
+    out: dict[str, tuple[np.ndarray, Volume]] = {}
+    for role in ("source", "target", "source_mask", "target_mask", "source_labels", "target_labels"):
+        path = spec.path(role)
+        if path is None:
+            continue
+        try:
+            vol = load_volume(path, np.float64 if "labels" in role else np.float32)
+        except VolumeError as exc:
+            raise VolumeError(f"{role} {exc}") from exc
+        _check_volume(role, path, vol, max_voxels)
+        if role in GRID_OF:
+            ref = volumes[GRID_OF[role]]
+            if vol.data.shape != ref.data.shape or not np.allclose(vol.affine, ref.affine, atol=1e-3):
+                raise VolumeError(f"{role} {path}: not on the {GRID_OF[role]} image's grid (shape {vol.data.shape} "
+                                  f"vs {ref.data.shape}); resample it onto the {GRID_OF[role]} grid")
+        volumes[role] = vol
+        data = vol.data > 0 if role.endswith("mask") else vol.data
+        out[role] = (np.asarray(data).astype(ROLE_DTYPES[role]), vol)
+    if spec.path("ground_truth") is not None:
+        out["ground_truth"] = (_load_ground_truth(spec.path("ground_truth"), volumes["target"]), volumes["target"])
+    return out
+
+
+def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
+    """Ingest one pair into ``store`` (idempotent); never raises for a bad input file."""
+    pairs = open_cohort(store)["pairs"]
+    try:
+        hashes = {role: file_sha256(p) for role, p in spec.roles.items()}
+    except OSError as exc:
+        missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
+        return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None)
+    input_hash = hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()
+    if spec.pair_id in pairs:
+        attrs = dict(pairs[spec.pair_id].attrs)
+        if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):
+            return IngestOutcome(spec.pair_id, "unchanged" if attrs["status"] == "ok" else "failed",
+                                 attrs.get("error"), input_hash)
+    try:
+        loaded = load_pair(spec, max_voxels)
+    except VolumeError as exc:
+        return _record_failure(pairs, spec, str(exc), input_hash)
+    group = pairs.create_group(spec.pair_id, overwrite=True)
+    for role, (data, vol) in loaded.items():
+        chunks = tuple(min(CHUNK, n) for n in data.shape[-3:])
+        if data.ndim == 4:
+            chunks = (data.shape[0], *chunks)
+        arr = group.create_array(role, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        arr[...] = data
+        arr.attrs.update({
+            "affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
+            "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
+            "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
+        })
+    group.attrs.update({"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
+                        "roles": sorted(loaded)})
+    return IngestOutcome(spec.pair_id, "ingested", None, input_hash)
+
+
+def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: str | None) -> IngestOutcome:
+    group = pairs.create_group(spec.pair_id, overwrite=True)
+    group.attrs.update({"status": "failed", "error": error, "input_hash": input_hash,
+                        "subject_id": spec.subject_id})
+    return IngestOutcome(spec.pair_id, "failed", error, input_hash)
+
+
+@dataclass
+class StoredVolume:
+    """A volume read back from the cohort store (RAS+ array order) with its attributes."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    attrs: dict
+
+
+def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = None) -> dict[str, StoredVolume]:
+    """Read a pair's arrays (all roles, or the given ones that exist) from the cohort store."""
+    group = zarr.open_group(str(store), mode="r")["pairs"][pair_id]
+    if group.attrs.get("status") != "ok":
+        raise VolumeError(f"pair {pair_id}: not ingested ({group.attrs.get('error')})")
+    names = [r for r in (roles or group.attrs["roles"]) if r in group]
+    out = {}
+    for role in names:
+        arr = group[role]
+        attrs = dict(arr.attrs)
+        out[role] = StoredVolume(arr[...], np.asarray(attrs["affine"]), attrs)
+    return out
+
+
+def pair_status(store: str | Path, pair_id: str) -> dict:
+    """The pair group's attributes (``status``, ``error``, ``input_hash``...), or ``{}`` if absent."""
+    try:
+        return dict(zarr.open_group(str(store), mode="r")["pairs"][pair_id].attrs)
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return {}

@@ -1,0 +1,139 @@
+"""The result store: ``results.zarr/<pair_id>/`` with one array per product, readable by xarray.
+
+Arrays (target grid, RAS+ array order, dims named):
+
+* ``std_mm`` ``(x, y, z)`` mm; ``n_valid`` ``(x, y, z)`` count;
+* ``covariance_mm2`` ``(component, x, y, z)`` mm^2, components ``xx yy zz xy xz yz`` (source world axes);
+* ``intrinsic_spread_mm2``, ``bias_jitter_mm2`` (same layout) when the model is stochastic;
+* ``mean_map``, ``prediction_map`` ``(axis, x, y, z)`` in source voxel units (RAS+ source grid).
+
+Coordinates ``x``, ``y``, ``z`` are the world positions (mm) of the voxel centres along each axis, from
+the target affine (exact for axis-aligned grids; for oblique grids they are the positions along the
+diagonal, and ``attrs["affine"]`` holds the full 4x4). Units are in each array's ``units`` attribute.
+
+A pair is complete only when its marker (group attribute ``equiqc_complete``: model, method, perturbation
+config, K, seed, package version, input hash) is written *after* all its arrays. Arrays without a marker are
+a half-written pair and are recomputed. A marker whose configuration differs from the run's is refused
+unless overwriting is asked for, so results of different configurations are never mixed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.estimator import UncertaintyResult
+
+MARKER = "equiqc_complete"
+AXES = ("x", "y", "z")
+COMPONENT_NAMES = {(0, 0): "xx", (1, 1): "yy", (2, 2): "zz", (0, 1): "xy", (0, 2): "xz", (1, 2): "yz"}
+ARRAYS = {  # name -> (leading dim or None, units)
+    "std_mm": (None, "mm"),
+    "n_valid": (None, "count"),
+    "covariance_mm2": ("component", "mm^2"),
+    "intrinsic_spread_mm2": ("component", "mm^2"),
+    "bias_jitter_mm2": ("component", "mm^2"),
+    "mean_map": ("axis", "source voxel index (RAS+ source grid)"),
+    "prediction_map": ("axis", "source voxel index (RAS+ source grid)"),
+}
+
+
+class ResultConfigMismatch(RuntimeError):
+    """Stored results were computed with another configuration."""
+
+
+def open_results(root: str | Path) -> zarr.Group:
+    return zarr.open_group(str(root), mode="a", zarr_format=3)
+
+
+def status(root: str | Path, pair_id: str, config: dict | None = None, input_hash: str | None = None) -> str:
+    """``complete``, ``missing``, ``incomplete`` (arrays without marker), ``stale`` (computed from other input
+    files: recompute) or ``mismatch`` (another configuration: refuse unless overwriting)."""
+    try:
+        group = zarr.open_group(str(root), mode="r")[pair_id]
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return "missing"
+    marker = group.attrs.get(MARKER)
+    if marker is None:
+        return "incomplete"
+    if input_hash is not None and marker.get("input_hash") != input_hash:
+        return "stale"
+    if config is not None and marker.get("config") != config:
+        return "mismatch"
+    return "complete"
+
+
+def read_marker(root: str | Path, pair_id: str) -> dict | None:
+    try:
+        return dict(zarr.open_group(str(root), mode="r")[pair_id].attrs).get(MARKER)
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, target_affine: np.ndarray,
+                 config: dict, input_hash: str | None = None, extra: dict | None = None,
+                 overwrite: bool = False) -> None:
+    """Write a pair's arrays, then its completion marker ``{"config", "input_hash", **extra}``.
+
+    Refuses (``ResultConfigMismatch``) to replace a complete result of another configuration unless
+    ``overwrite``. Any previous marker is removed first, so a crash mid-write leaves an incomplete pair.
+    """
+    root_group = open_results(root)
+    state = status(root, pair_id, config, input_hash)
+    if state == "mismatch" and not overwrite:
+        old = read_marker(root, pair_id)["config"]
+        raise ResultConfigMismatch(
+            f"{root}/{pair_id} holds results of another configuration ({_diff(old, config)}); "
+            "use a new output folder or ask for overwriting (--overwrite)")
+    group = root_group.create_group(pair_id, overwrite=True)  # drops old arrays and marker
+    spatial = result.std_mm.shape
+    coords = _axis_coords(np.asarray(target_affine), spatial)
+    for axis, values in zip(AXES, coords, strict=True):
+        arr = group.create_array(axis, shape=values.shape, dtype=np.float64, dimension_names=[axis])
+        arr[...] = values
+        arr.attrs.update({"units": "mm", "long_name": f"world {axis} of voxel centres (RAS+)"})
+    labels = [COMPONENT_NAMES[c] for c in result.components]
+    for name, (lead, units) in ARRAYS.items():
+        data = getattr(result, name)
+        if data is None:
+            continue
+        dims = ([lead] if lead else []) + list(AXES[: len(spatial)])
+        chunks = tuple(min(64, n) for n in data.shape[-len(spatial):])
+        if lead:
+            chunks = (data.shape[0], *chunks)
+        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, dimension_names=dims,
+                                 fill_value=np.nan if data.dtype.kind == "f" else 0)
+        arr[...] = data
+        arr.attrs.update({"units": units})
+        if lead == "component":
+            arr.attrs["components"] = labels
+    group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
+    group.attrs[MARKER] = {"config": config, "input_hash": input_hash, **(extra or {})}
+
+
+def _axis_coords(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    return [affine[d, d] * np.arange(n) + affine[d, -1] for d, n in enumerate(shape)]
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in keys[:3]) or "unknown"
+
+
+def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, dict]:
+    """One result array and its attributes, plus the group's ``affine`` under ``attrs['affine']``."""
+    group = zarr.open_group(str(root), mode="r")[pair_id]
+    arr = group[name]
+    return arr[...], {**dict(arr.attrs), "affine": group.attrs["affine"]}
+
+
+def invalidate(root: str | Path, pair_id: str) -> None:
+    """Remove a pair's completion marker (its inputs changed); the arrays are recomputed on the next run."""
+    try:
+        group = zarr.open_group(str(root), mode="r+")[pair_id]
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return
+    if MARKER in group.attrs:
+        del group.attrs[MARKER]

@@ -1,0 +1,309 @@
+"""storage/: manifest validation, NIfTI -> Zarr ingest, result store, export round trips, Parquet report."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import xarray as xr
+
+from pipeline.estimator import UncertaintyResult
+from pipeline.moments import components
+from storage import results as R
+from storage.cohort import ingest_pair, pair_status, read_pair
+from storage.export import export_nifti
+from storage.manifest import ManifestError, derive_pair_id, read_manifest
+from storage.report import SCHEMA, write_report
+
+RNG = np.random.default_rng(0)
+SHAPE = (12, 10, 8)
+
+
+def lps_oblique_affine() -> np.ndarray:
+    """LPS-like axes, anisotropic voxels, a 10-degree oblique tilt, an offset."""
+    c, s = np.cos(np.deg2rad(10)), np.sin(np.deg2rad(10))
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag([-1.2, -0.8, 2.5])
+    a[:3, 3] = [60.0, 40.0, -20.0]
+    return a
+
+
+def write_nii(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def make_manifest(tmp_path, rows, name="manifest.csv", header="subject_id,source,target"):
+    lines = [header] + [",".join(r) for r in rows]
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_resolves_paths_and_derives_stable_ids(tmp_path):
+    (tmp_path / "sub").mkdir()
+    m = make_manifest(tmp_path, [["s1", "sub/a.nii.gz", "b.nii"], ["s 2", "c.nii.gz", "d.nii.gz"]])
+    pairs = read_manifest(m)
+    assert pairs[0].source == (tmp_path / "sub" / "a.nii.gz").resolve()
+    assert pairs[0].pair_id == "s1_a_to_b" == derive_pair_id("s1", "x/a.nii.gz", "b.nii")
+    assert pairs[1].pair_id == "s-2_c_to_d" and pairs[1].row == 3
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text("subject_id\tsource\ttarget\tpair_id\ts1\ta.nii\tb.nii\tp1\n".replace("\ts1", "\ns1"))
+    assert read_manifest(tsv)[0].pair_id == "p1"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"),
+    ("subject_id,source,target\n", "no pairs"),
+    ("subject_id,source\ns1,a.nii\n", "missing required column 'target'"),
+    ("subject_id,source,target,age\ns1,a,b,3\n", "row 1, column 'age': unknown column"),
+    ("subject_id;source;target\ns1;a;b\n", "row 1: the header"),
+    ("subject_id,source,target,pair_id\ns1,a,b,p\ns2,c,d,p\n", "row 3, column 'pair_id': duplicate"),
+    ("subject_id,source,target\ns1,,b\n", "row 2, column 'source': empty"),
+    ("subject_id,source,target\ns1,a,b,c\n", "row 2: 4 fields"),
+    ("subject_id,source,target,pair_id\ns1,a,b,../x\n", "row 2, column 'pair_id'"),
+])
+def test_manifest_errors_name_row_and_column(tmp_path, content, message):
+    p = tmp_path / "manifest.csv"
+    p.write_text(content)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")) as info:
+        read_manifest(p)
+    assert str(p) in str(info.value)
+
+
+def test_manifest_missing_or_unreadable(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "none.csv")
+    p = tmp_path / "bin.csv"
+    p.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(ManifestError, match="cannot read"):
+        read_manifest(p)
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+
+
+def cohort_files(tmp_path, affine=None):
+    src = RNG.normal(size=SHAPE).astype(np.float32)
+    tgt = RNG.normal(size=SHAPE).astype(np.float32)
+    write_nii(tmp_path / "src.nii.gz", src, affine)
+    write_nii(tmp_path / "tgt.nii.gz", tgt, affine)
+    mask = (RNG.random(SHAPE) > 0.5).astype(np.uint8)
+    write_nii(tmp_path / "mask.nii.gz", mask, affine)
+    return src, tgt, mask
+
+
+def test_ingest_round_trip_keeps_geometry_and_export_restores_the_original_grid(tmp_path):
+    affine = lps_oblique_affine()
+    src, tgt, mask = cohort_files(tmp_path, affine)
+    m = make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz", "mask.nii.gz"]],
+                      header="subject_id,source,target,target_mask")
+    spec = read_manifest(m)[0]
+    store, res = tmp_path / "cohort.zarr", tmp_path / "results.zarr"
+    assert ingest_pair(spec, store).status == "ingested"
+    stored = read_pair(store, spec.pair_id)
+    target = stored["target"]
+    assert target.attrs["orientation"] == ["L", "P", "S"]
+    canonical = nib.as_closest_canonical(nib.load(str(tmp_path / "tgt.nii.gz")))
+    np.testing.assert_array_equal(target.data, np.asarray(canonical.dataobj))
+    np.testing.assert_allclose(target.affine, canonical.affine)
+    np.testing.assert_allclose(target.attrs["spacing_mm"], [1.2, 0.8, 2.5], rtol=1e-6)
+    np.testing.assert_array_equal(stored["target_mask"].data, np.asarray(canonical.dataobj) * 0 + (
+        np.asarray(nib.as_closest_canonical(nib.load(str(tmp_path / "mask.nii.gz"))).dataobj) > 0))
+
+    # A result equal to the stored target must export back to the original file voxel for voxel.
+    result = fake_result(target.data.shape, std=target.data)
+    R.write_result(res, spec.pair_id, result, target.affine, {"k": 1})
+    out = export_nifti(res, store, spec.pair_id, "std_mm", tmp_path / "std.nii.gz")
+    img = nib.load(str(out))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), tgt)
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    cov = nib.load(str(export_nifti(res, store, spec.pair_id, "covariance_mm2", tmp_path / "cov.nii.gz")))
+    assert cov.shape == (*SHAPE, 6)
+
+
+def test_map_export_is_a_world_displacement(tmp_path):
+    affine = np.diag([2.0, 3.0, 1.5, 1.0])
+    cohort_files(tmp_path, affine)
+    spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
+    store, res = tmp_path / "cohort.zarr", tmp_path / "results.zarr"
+    ingest_pair(spec, store)
+    result = fake_result(SHAPE)
+    result.prediction_map = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")).astype(np.float32)
+    result.prediction_map[0] += 1.0  # one source voxel along x = 2 mm
+    R.write_result(res, spec.pair_id, result, affine, {"k": 1})
+    disp = np.asarray(nib.load(str(export_nifti(res, store, spec.pair_id, "prediction_map",
+                                                tmp_path / "d.nii.gz"))).dataobj)
+    np.testing.assert_allclose(disp[..., 0], 2.0, atol=1e-5)
+    np.testing.assert_allclose(disp[..., 1:], 0.0, atol=1e-5)
+
+
+def test_reingest_is_skipped_when_unchanged_and_replaces_a_changed_pair(tmp_path):
+    cohort_files(tmp_path)
+    spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
+    store, res = tmp_path / "cohort.zarr", tmp_path / "results.zarr"
+    first = ingest_pair(spec, store)
+    chunk_files = sorted((store / "pairs" / spec.pair_id / "source").rglob("*"))
+    mtimes = [f.stat().st_mtime_ns for f in chunk_files]
+    assert ingest_pair(spec, store).status == "unchanged"
+    assert [f.stat().st_mtime_ns for f in chunk_files] == mtimes
+    R.write_result(res, spec.pair_id, fake_result(SHAPE), np.eye(4), {"k": 1}, input_hash=first.input_hash)
+    assert R.status(res, spec.pair_id, {"k": 1}, first.input_hash) == "complete"
+    write_nii(tmp_path / "src.nii.gz", RNG.normal(size=SHAPE).astype(np.float32))
+    second = ingest_pair(spec, store)
+    assert second.status == "ingested" and second.input_hash != first.input_hash
+    assert R.status(res, spec.pair_id, {"k": 1}, second.input_hash) == "stale"
+
+
+def bad_inputs(tmp_path):
+    """name -> (file writer, expected message fragment) for each validation failure."""
+    good = RNG.normal(size=SHAPE).astype(np.float32)
+
+    def truncated(p):
+        write_nii(p, good)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+
+    def not_nifti(p):
+        with gzip.open(p, "wb") as fh:
+            fh.write(b"this is not an image")
+
+    def singular(p):
+        # nibabel recomputes a valid header on save, so patch the bytes: sform only, with srow_z = 0.
+        img = nib.Nifti1Image(good, np.eye(4))
+        img.header.set_qform(None, code=0)
+        img.header.set_sform(np.eye(4), code=1)
+        raw = bytearray(img.header.binaryblock + b"\0" * 4 + good.tobytes(order="F"))
+        raw[312:328] = np.zeros(4, np.float32).tobytes()  # srow_z: a flat third axis
+        with gzip.open(p, "wb") as fh:
+            fh.write(bytes(raw))
+
+    nan = good.copy()
+    nan[1, 2, 3] = np.nan
+    inf = good.copy()
+    inf[0, 0, 0] = np.inf
+    return {
+        "missing": (None, "file not found"),
+        "truncated": (truncated, "not a readable NIfTI"),
+        "not_nifti": (not_nifti, "not a readable NIfTI"),
+        "2d": (lambda p: write_nii(p, good[:, :, 0]), "expected a 3D volume"),
+        "4d": (lambda p: write_nii(p, np.stack([good, good], -1)), "expected a 3D volume"),
+        "nan": (lambda p: write_nii(p, nan), "NaN or infinite"),
+        "inf": (lambda p: write_nii(p, inf), "NaN or infinite"),
+        "constant": (lambda p: write_nii(p, np.ones(SHAPE, np.float32)), "constant"),
+        "zero_axis": (lambda p: write_nii(p, np.zeros((4, 0, 3), np.float32)), "zero-length axis"),
+        "singular": (singular, "singular or non-finite affine"),
+    }
+
+
+def test_each_bad_input_fails_its_pair_only(tmp_path):
+    cohort_files(tmp_path)
+    rows = [["ok", "src.nii.gz", "tgt.nii.gz"]]
+    cases = bad_inputs(tmp_path)
+    for name, (writer, _) in cases.items():
+        if writer is not None:
+            writer(tmp_path / f"{name}.nii.gz")
+        rows.append([name, f"{name}.nii.gz", "tgt.nii.gz"])
+    specs = read_manifest(make_manifest(tmp_path, rows))
+    store = tmp_path / "cohort.zarr"
+    outcomes = {s.subject_id: ingest_pair(s, store) for s in specs}
+    assert outcomes["ok"].status == "ingested"
+    for name, (_, message) in cases.items():
+        assert outcomes[name].status == "failed", name
+        assert message in outcomes[name].error, (name, outcomes[name].error)
+        assert f"{name}.nii.gz" in outcomes[name].error
+        assert pair_status(store, specs[0].pair_id)["status"] == "ok"
+    # a failed pair stays failed without re-reading when its files are unchanged
+    assert ingest_pair(specs[1], store).status == "failed"
+
+
+def test_mask_on_another_grid_and_memory_guard(tmp_path):
+    cohort_files(tmp_path)
+    write_nii(tmp_path / "small_mask.nii.gz", np.ones((5, 5, 5), np.uint8))
+    spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz", "small_mask.nii.gz"]],
+                                       header="subject_id,source,target,source_labels"))[0]
+    out = ingest_pair(spec, tmp_path / "c.zarr")
+    assert out.status == "failed" and "not on the source image's grid" in out.error
+    spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
+    out = ingest_pair(spec, tmp_path / "d.zarr", max_voxels=100)
+    assert out.status == "failed" and "memory guard" in out.error
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def fake_result(shape, std=None, split=False) -> UncertaintyResult:
+    comps = components(3)
+    cov = RNG.random((6, *shape)).astype(np.float32)
+    return UncertaintyResult(
+        std_mm=(RNG.random(shape) if std is None else std).astype(np.float32), covariance_mm2=cov,
+        components=comps, mean_map=RNG.random((3, *shape)).astype(np.float32),
+        prediction_map=RNG.random((3, *shape)).astype(np.float32),
+        n_valid=np.full(shape, 8, np.int32), n_samples=8,
+        intrinsic_spread_mm2=cov / 2 if split else None, bias_jitter_mm2=cov / 2 if split else None)
+
+
+def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10, 5, 0]
+    res = fake_result(SHAPE, split=True)
+    R.write_result(tmp_path / "r.zarr", "p1", res, affine, {"k": 8})
+    ds = xr.open_zarr(tmp_path / "r.zarr", group="p1", consolidated=False)
+    assert ds["std_mm"].dims == ("x", "y", "z")
+    assert ds["covariance_mm2"].dims == ("component", "x", "y", "z")
+    assert ds["covariance_mm2"].attrs["components"] == ["xx", "yy", "zz", "xy", "xz", "yz"]
+    assert ds["mean_map"].dims == ("axis", "x", "y", "z")
+    np.testing.assert_allclose(ds["x"].values, -10 + 2 * np.arange(SHAPE[0]))
+    np.testing.assert_allclose(ds["z"].values, 3 * np.arange(SHAPE[2]))
+    assert ds["std_mm"].attrs["units"] == "mm"
+    np.testing.assert_array_equal(ds["std_mm"].values, res.std_mm)
+    assert "intrinsic_spread_mm2" in ds and "bias_jitter_mm2" in ds
+
+
+def test_half_written_and_mismatched_results_are_detected(tmp_path):
+    root = tmp_path / "r.zarr"
+    assert R.status(root, "p1") == "missing"
+    R.write_result(root, "p1", fake_result(SHAPE), np.eye(4), {"k": 8, "model": "a"})
+    assert R.status(root, "p1", {"k": 8, "model": "a"}) == "complete"
+    R.invalidate(root, "p1")  # as if the writer died before the marker
+    assert R.status(root, "p1", {"k": 8, "model": "a"}) == "incomplete"
+    R.write_result(root, "p1", fake_result(SHAPE), np.eye(4), {"k": 8, "model": "a"})
+    assert R.status(root, "p1", {"k": 16, "model": "a"}) == "mismatch"
+    with pytest.raises(R.ResultConfigMismatch, match="k: stored 8 vs now 16"):
+        R.write_result(root, "p1", fake_result(SHAPE), np.eye(4), {"k": 16, "model": "a"})
+    R.write_result(root, "p1", fake_result(SHAPE), np.eye(4), {"k": 16, "model": "a"}, overwrite=True)
+    assert R.status(root, "p1", {"k": 16, "model": "a"}) == "complete"
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def test_report_schema_subject_table_and_atomic_write(tmp_path):
+    rows = [
+        {"subject_id": "s1", "pair_id": "a", "status": "complete", "risk_score": 0.5, "flagged": False,
+         "uncertainty_mean_mm": 0.4, "n_samples": 8, "model": "m", "seed": 0, "uncertainty_mean_mm_gm": 0.3},
+        {"subject_id": "s1", "pair_id": "b", "status": "complete", "risk_score": 3.0, "flagged": True,
+         "uncertainty_mean_mm": 1.4, "n_samples": 8, "model": "m", "seed": 0},
+        {"subject_id": "s2", "pair_id": "c", "status": "failed", "error": "source x: file not found"},
+    ]
+    report, subjects = write_report(rows, tmp_path / "out")
+    frame = pd.read_parquet(report)
+    assert list(frame.columns[: len(SCHEMA)]) == list(SCHEMA)
+    assert frame.columns[-1] == "uncertainty_mean_mm_gm"
+    assert str(frame["risk_score"].dtype) == "float64" and str(frame["flagged"].dtype) == "bool"
+    assert len(frame) == 3 and frame.loc[2, "error"] == "source x: file not found"
+    table = pq.read_table(report)
+    assert table.schema.field("n_samples").type == "int64"
+    subj = pd.read_parquet(subjects).set_index("subject_id")
+    assert subj.loc["s1", "pair_id"] == "b" and subj.loc["s1", "n_flagged"] == 1
+    assert subj.loc["s2", "n_failed"] == 1
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
