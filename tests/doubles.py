@@ -9,12 +9,16 @@ and error of any known law can be injected on top of it.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from pipeline import transforms as T
 
 Tensor = torch.Tensor
+# The device the test doubles (and so the estimator) run on: EQUIQC_TEST_DEVICE=cuda runs the same tests on a GPU.
+TEST_DEVICE = os.environ.get("EQUIQC_TEST_DEVICE", "cpu")
 
 
 def coordinate_source(shape) -> Tensor:
@@ -41,7 +45,7 @@ class ExactSolver:
     stochastic = False
     input_shape = None
 
-    def __init__(self, mode: str = "affine", device: str = "cpu", iterations: int = 30):
+    def __init__(self, mode: str = "affine", device: str = TEST_DEVICE, iterations: int = 30):
         self.mode = mode
         self.device = torch.device(device)
         self.iterations = iterations
@@ -101,10 +105,14 @@ class NoisySolver(ExactSolver):
         phi = super().register(source, target).double()
         d = phi.shape[1]
         if self.chol_vox is not None:
-            z = torch.randn(phi.shape, generator=self.generator, dtype=torch.float64)
-            phi = phi + torch.einsum("ij,bj...->bi...", self.chol_vox, z)
+            if self.generator is None:  # torch's global RNG on the model's device, as dropout uses it
+                z = torch.randn(phi.shape, dtype=torch.float64, device=phi.device)
+            else:
+                z = torch.randn(phi.shape, generator=self.generator, dtype=torch.float64).to(phi.device)
+            phi = phi + torch.einsum("ij,bj...->bi...", self.chol_vox.to(phi.device), z)
         if self.alpha:
             centre = tuple(n // 2 for n in source.shape[2:])
-            t = source[(slice(None), slice(0, d), *centre)].double() - torch.tensor(centre, dtype=torch.float64)
+            t = source[(slice(None), slice(0, d), *centre)].double() - torch.tensor(centre, dtype=torch.float64,
+                                                                                       device=source.device)
             phi = phi + self.alpha * t.view(-1, d, *([1] * d))
         return phi.float()
