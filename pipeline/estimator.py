@@ -57,6 +57,11 @@ class EstimatorConfig:
             raise ValueError("at least two samples are needed to estimate a spread")
 
 
+def mc_dropout_config(samples: int = 16, batch_size: int = 4) -> EstimatorConfig:
+    """The MC-dropout baseline: K unperturbed predictions of a backend built with ``mc_dropout=True``."""
+    return EstimatorConfig(samples=samples, batch_size=batch_size, perturbation=PerturbationConfig(kind="none"))
+
+
 @dataclass
 class UncertaintyResult:
     """Per-voxel statistics on the target grid (spatial axes in array order).
@@ -156,6 +161,8 @@ def estimate_uncertainty(
     computation happens on ``backend.device``; results come back as numpy arrays.
     """
     config = config or EstimatorConfig()
+    if config.perturbation.kind == "none" and not backend.stochastic:
+        raise ValueError(f"MC-dropout needs a stochastic backend (dropout active); {backend.name!r} is deterministic")
     if config.draws > 1 and not backend.stochastic:
         raise ValueError(f"draws={config.draws} needs a stochastic backend; {backend.name!r} is deterministic")
     device = torch.device(backend.device)

@@ -37,6 +37,8 @@ from pipeline import transforms as T
 Tensor = torch.Tensor
 
 KINDS = ("translation", "rigid", "affine", "diffeomorphic")
+# "none": K identity perturbations, for MC-dropout (the spread then comes from the model's own randomness).
+ALL_KINDS = KINDS + ("none",)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class PerturbationConfig:
     control_spacing_mm: float = 24.0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in ALL_KINDS:
             raise ValueError(f"unknown perturbation kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         for name, value in asdict(self).items():
             if name != "kind" and (not math.isfinite(value) or value < 0):
@@ -144,6 +146,8 @@ def world_linear_parts(config: PerturbationConfig, k: int, d: int, generator: to
 
     translation = uniform(k, d, half=config.max_translation_mm)
     linear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    if config.kind == "none":
+        return linear, torch.zeros_like(translation)
     if config.kind in ("rigid", "affine"):
         n_angles = 1 if d == 2 else 3
         linear = _rotation(torch.deg2rad(uniform(k, n_angles, half=config.max_rotation_deg)), d)

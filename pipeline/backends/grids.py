@@ -1,0 +1,56 @@
+"""Bringing images onto a network's fixed grid and its maps back (index space, 3D or 2D).
+
+A network with a fixed input shape sees each image resampled in voxel-index space, covering the same field
+of view. Two index correspondences are in use:
+
+* ``align_corners=True``: the centres of the first and last voxels coincide,
+  ``i_net = i_img * (n_net - 1) / (n_img - 1)`` (equiqc's default model);
+* ``align_corners=False``: the outer edges coincide (``F.interpolate``'s default, and what
+  icon_registration's ITK wrapper does for uniGradICON), ``i_net = (i_img + 0.5) * n_net / n_img - 0.5``.
+
+``image_map_from_net`` turns a map on the network grid (network voxel units, target -> source) into
+DESIGN's map on the original target grid in original source voxels: ``phi = M_src^-1 o phi_net o M_tgt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import transforms as T
+
+Tensor = torch.Tensor
+
+
+def index_matrix(image_shape: Sequence[int], net_shape: Sequence[int], align_corners: bool,
+                 device=None) -> Tensor:
+    """Homogeneous float64 matrix: image voxel index -> network voxel index."""
+    d = len(image_shape)
+    m = torch.eye(d + 1, dtype=torch.float64, device=device)
+    for i, (n, k) in enumerate(zip(image_shape, net_shape, strict=True)):
+        if align_corners:
+            m[i, i] = (k - 1) / max(n - 1, 1)
+        else:
+            m[i, i] = k / n
+            m[i, d] = 0.5 * k / n - 0.5
+    return m
+
+
+def resample_to(x: Tensor, shape: Sequence[int], align_corners: bool) -> Tensor:
+    """Resample ``(B, C, *spatial)`` onto ``shape`` (bi/trilinear); unchanged if already that shape."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    mode = "trilinear" if x.dim() == 5 else "bilinear"
+    return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=align_corners)
+
+
+def image_map_from_net(phi_net: Tensor, source_shape: Sequence[int], target_shape: Sequence[int],
+                       align_corners: bool) -> Tensor:
+    """Network-grid map (net voxels) -> map on the target grid in source voxels (DESIGN convention)."""
+    net_shape = tuple(phi_net.shape[2:])
+    m_tgt = index_matrix(target_shape, net_shape, align_corners, phi_net.device)
+    m_src = index_matrix(source_shape, net_shape, align_corners, phi_net.device)
+    y_net = T.affine_map(m_tgt, target_shape, phi_net.dtype).expand(phi_net.shape[0], -1, *target_shape)
+    return T.apply_affine(torch.linalg.inv(m_src), T.sample_map(phi_net, y_net))

@@ -1,0 +1,76 @@
+"""One place where backends are found by name.
+
+Built in: ``default`` (the shipped network), ``affine-opt`` (classical affine baseline), ``unigradicon``,
+``multigradicon``, ``torchscript:PATH`` and ``python:package.module:factory``. Other packages add
+backends without editing equiqc through the entry-point group ``equiqc.backends``: an entry point
+``name = package.module:factory`` makes ``--model name`` call ``factory(weights=..., device=...,
+mc_dropout=..., **options)``, which returns an object implementing
+:class:`~pipeline.backends.base.RegistrationBackend`. In-process, :func:`register_backend` does the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from pipeline.backends.base import RegistrationBackend
+
+Factory = Callable[..., RegistrationBackend]
+_REGISTRY: dict[str, Factory] = {}
+ENTRY_POINT_GROUP = "equiqc.backends"
+
+
+def register_backend(name: str, factory: Factory) -> None:
+    """Make ``--model name`` use ``factory(weights=, device=, mc_dropout=, **options)``."""
+    _REGISTRY[name] = factory
+
+
+def _builtin(name: str) -> Factory | None:
+    if name == "default":
+        from pipeline.backends.default_net import load_default
+
+        return lambda weights=None, device="cpu", mc_dropout=False, **o: load_default(weights, device, mc_dropout)
+    if name == "affine-opt":
+        from pipeline.backends.affine_opt import AffineOptimisation
+
+        def affine(weights=None, device="cpu", mc_dropout=False, **options):
+            if mc_dropout:
+                raise ValueError("affine-opt has no dropout layers, so MC-dropout cannot be run on it")
+            return AffineOptimisation(device=device, **options)
+
+        return affine
+    if name in ("unigradicon", "multigradicon"):
+        from pipeline.backends.icon import load_icon
+
+        return lambda weights=None, device="cpu", mc_dropout=False, **o: load_icon(
+            name, weights, device, mc_dropout=mc_dropout, **o)
+    return None
+
+
+def available() -> list[str]:
+    """Names usable with ``--model`` (besides the ``torchscript:`` and ``python:`` prefixes)."""
+    names = {"default", "affine-opt", "unigradicon", "multigradicon", *_REGISTRY}
+    names |= {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(names)
+
+
+def load_backend(spec: str, weights: str | None = None, device: str = "cpu", mc_dropout: bool = False,
+                 **options) -> RegistrationBackend:
+    """Build the backend named by ``spec`` on ``device``; ``options`` go to its factory."""
+    if spec.startswith("torchscript:"):
+        from pipeline.backends.module import load_torchscript
+
+        return load_torchscript(spec.split(":", 1)[1], device=device, mc_dropout=mc_dropout, **options)
+    if spec.startswith("python:"):
+        from pipeline.backends.module import load_python_factory
+
+        return load_python_factory(spec.split(":", 1)[1], device=device, mc_dropout=mc_dropout, **options)
+    factory = _REGISTRY.get(spec) or _builtin(spec)
+    if factory is None:
+        eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        if spec in eps:
+            factory = eps[spec].load()
+    if factory is None:
+        raise ValueError(f"unknown model {spec!r}; choose one of {', '.join(available())}, "
+                         "torchscript:PATH or python:package.module:factory")
+    return factory(weights=weights, device=device, mc_dropout=mc_dropout, **options)
