@@ -86,6 +86,22 @@ def _load_ground_truth(path: Path, target: Volume) -> np.ndarray:
     return np.moveaxis(data, 3, 0)
 
 
+MIN_FOV_OVERLAP = 0.05
+
+
+def _world_box(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.data.shape], indexing="ij")).reshape(3, -1)
+    world = vol.affine[:3, :3] @ corners + vol.affine[:3, 3:]
+    return world.min(1), world.max(1)
+
+
+def fov_overlap(source: Volume, target: Volume) -> float:
+    """Fraction of the target's world bounding box that the source's bounding box covers."""
+    (s0, s1), (t0, t1) = _world_box(source), _world_box(target)
+    inter = np.clip(np.minimum(s1, t1) - np.maximum(s0, t0), 0, None).prod()
+    return float(inter / max((t1 - t0).prod(), 1e-9))
+
+
 def load_pair(spec: PairSpec, max_voxels: int | None = None) -> dict[str, tuple[np.ndarray, Volume]]:
     """Load and validate every file of a pair; raises :class:`VolumeError` naming the first problem."""
     volumes: dict[str, Volume] = {}
@@ -107,6 +123,11 @@ def load_pair(spec: PairSpec, max_voxels: int | None = None) -> dict[str, tuple[
         volumes[role] = vol
         data = vol.data > 0 if role.endswith("mask") else vol.data
         out[role] = (np.asarray(data).astype(ROLE_DTYPES[role]), vol)
+    overlap = fov_overlap(volumes["source"], volumes["target"])
+    if overlap < MIN_FOV_OVERLAP:
+        raise VolumeError(f"source {spec.source} and target {spec.target}: their fields of view overlap in only "
+                          f"{100 * overlap:.1f} % of the target's (world coordinates); check that the pair is right "
+                          "and that both headers hold the scanner geometry")
     if spec.path("ground_truth") is not None:
         out["ground_truth"] = (_load_ground_truth(spec.path("ground_truth"), volumes["target"]), volumes["target"])
     return out

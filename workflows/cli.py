@@ -54,6 +54,8 @@ def _print_run(summary) -> None:
     for r in summary.failed[:10]:
         print(f"  failed {r['pair_id']}: {r.get('error')}")
     print(f"report: {summary.report}")
+    if summary.html:
+        print(f"report.html: {summary.html}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -113,6 +115,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps(stats, indent=1))
     print(f"injected failures caught: AUROC {stats['auroc_injected']:.2f} "
           f"({stats['flagged_injected']}/{stats['injected']} injected flagged, {stats['flagged_good']} good flagged)")
+    if summary.html:
+        print(f"open the QC report: {summary.html}")
     return 0
 
 

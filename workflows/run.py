@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distributed import as_completed
@@ -44,7 +44,7 @@ class RunSummary:
     seconds: float
     computed: int = 0
     dashboard: str | None = None
-    extra: dict = field(default_factory=dict)
+    html: Path | None = None
 
     @property
     def failed(self) -> list[dict]:
@@ -107,6 +107,21 @@ class Progress:
               file=self.stream, flush=True)
 
 
+def _html(out_dir: Path, config: RunConfig, seconds: float | None, log) -> Path | None:
+    """Write report.html; a failure here is reported but never costs the Parquet report."""
+    from workflows.html_report import write_html_report
+
+    meta = {"model": config.model, "method": config.method, "perturbation": config.perturbation_config().kind,
+            "K": config.samples, "seed": config.seed}
+    if seconds is not None:
+        meta["run time (s)"] = round(seconds, 1)
+    try:
+        return write_html_report(out_dir, threshold=config.z_threshold, meta=meta)
+    except Exception as exc:
+        log(f"equiqc: report.html could not be written ({type(exc).__name__}: {exc}); report.parquet is complete")
+        return None
+
+
 def check_previous_run(out_dir: Path, config: RunConfig) -> None:
     """Refuse to mix results of another configuration into ``out_dir`` unless overwriting."""
     previous = out_dir / "run.json"
@@ -143,7 +158,8 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig,
         computed = sum(1 for r in rows if r.pop("_computed", False))
         rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
         report, _ = write_report(rows, out_dir)
-    return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard)
+        html_path = _html(out_dir, config, time.perf_counter() - start, log)
+    return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
 
 
 def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: ClusterHandle) -> list[dict]:
@@ -205,4 +221,4 @@ def rebuild_report(out_dir: str | Path) -> RunSummary:
         rows.append(row)
     rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
     report, _ = write_report(rows, out_dir)
-    return RunSummary(rows, report, time.perf_counter() - start)
+    return RunSummary(rows, report, time.perf_counter() - start, html=_html(out_dir, config, None, print))

@@ -1,0 +1,213 @@
+"""``report.html``: one self-contained page (images embedded as PNG data URIs, no server, no network).
+
+Contents: cohort summary; risk-score histogram with the flag threshold; uncertainty vs true error when
+ground truth is known; a sortable table of all pairs (risk first, flagged rows highlighted, failed rows
+with their error); and, for every flagged pair plus the top N by risk, three orthogonal slices through the
+region of highest uncertainty showing the target, the warped source as a checkerboard with the target,
+and the ``std_mm`` heat map (colour bar in mm), with per-structure mean uncertainty when labels exist.
+
+Display convention (arrays are RAS+): axial and coronal views are shown in neurological orientation
+(patient left on the left of the image, labelled L/R), anterior up in axial views, superior up in coronal
+and sagittal views; sagittal views have anterior on the right.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from scipy.ndimage import uniform_filter  # noqa: E402
+
+from pipeline import transforms as T  # noqa: E402
+from storage.cohort import read_pair  # noqa: E402
+from storage.results import read_array  # noqa: E402
+
+plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
+COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "uncertainty_mean_mm", "uncertainty_p95_mm",
+           "frac_above_2mm", "folding_fraction", "true_error_mean_mm", "runtime_s", "error"]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def risk_histogram(frame: pd.DataFrame, threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    done = frame[frame.status == "complete"]
+    ax.hist(done.risk_score.dropna(), bins=max(10, len(done) // 3), color="#4c72b0")
+    ax.axvline(threshold, color="#c44e52", ls="--", label=f"flag threshold (z = {threshold:g})")
+    ax.set_xlabel("risk score (robust z)")
+    ax.set_ylabel("pairs")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def error_scatter(frame: pd.DataFrame) -> str | None:
+    done = frame[(frame.status == "complete") & frame.true_error_mean_mm.notna()]
+    if done.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    colours = np.where(done.flagged, "#c44e52", "#4c72b0")
+    ax.scatter(done.uncertainty_mean_mm, done.true_error_mean_mm, c=colours, s=30)
+    ax.set_xlabel("mean uncertainty std_mm (mm)")
+    ax.set_ylabel("true error of the prediction (mm)")
+    ax.set_title("red: flagged", fontsize=10)
+    return _png(fig)
+
+
+def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[tuple[str, np.ndarray, tuple[str, str]]]:
+    """(name, 2D image to show with origin='lower', (left label, right label)) for the three planes."""
+    x, y, z = centre
+    return [("axial", volume[:, :, z].T, ("L", "R")), ("coronal", volume[:, y, :].T, ("L", "R")),
+            ("sagittal", volume[x, :, :].T, ("P", "A"))]
+
+
+def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    idx = np.indices(a.shape)
+    size = max(1, min(a.shape) // tiles)
+    mask = (sum(i // size for i in idx) % 2).astype(bool)
+    return np.where(mask, a, b)
+
+
+def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
+    """Target / checkerboard of warped source and target / std_mm, in three planes through the peak."""
+    std, _ = read_array(results_root, pair_id, "std_mm")
+    pred, _ = read_array(results_root, pair_id, "prediction_map")
+    vols = read_pair(cohort_root, pair_id, ("source", "target"))
+    target = vols["target"].data
+    warped = T.warp(torch.as_tensor(vols["source"].data)[None, None], torch.as_tensor(pred)[None])[0, 0].numpy()
+    norm = lambda v: v / max(np.percentile(v, 99.5), 1e-6)  # noqa: E731
+    smooth = uniform_filter(np.nan_to_num(std, nan=0.0), size=5)
+    centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
+    vmax = float(np.nanpercentile(std, 99.5)) if np.isfinite(std).any() else 1.0
+    fig, axes = plt.subplots(3, 3, figsize=(10, 9.5))
+    rows = [("target", norm(target), "gray", (0, 1)),
+            ("warped source | target", _checkerboard(norm(warped), norm(target)), "gray", (0, 1)),
+            ("std_mm", std, "magma", (0, vmax))]
+    for r, (title, vol, cmap, (lo, hi)) in enumerate(rows):
+        for c, (plane, img, (left, right)) in enumerate(_views(vol, centre)):
+            ax = axes[r, c]
+            im = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{title}: {plane}", fontsize=10)
+            ax.text(0.02, 0.5, left, transform=ax.transAxes, color="yellow", fontsize=12, weight="bold")
+            ax.text(0.93, 0.5, right, transform=ax.transAxes, color="yellow", fontsize=12, weight="bold")
+        if cmap == "magma":
+            fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.8, label="std_mm (mm)")
+    fig.suptitle(f"{pair_id}: slices through the region of highest uncertainty (voxel {tuple(map(int, centre))})")
+    return _png(fig)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def write_html_report(out_dir: str | Path, top_n: int = 5, threshold: float = 3.0, meta: dict | None = None) -> Path:
+    """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path."""
+    out_dir = Path(out_dir)
+    frame = pd.read_parquet(out_dir / "report.parquet")
+    frame = frame.sort_values("risk_score", ascending=False, na_position="first")
+    done = frame[frame.status == "complete"]
+    chosen = list(dict.fromkeys(list(done[done.flagged].pair_id) + list(done.pair_id[:top_n])))
+    label_cols = [c for c in frame.columns if c.startswith("uncertainty_mean_mm_")]
+    sections = []
+    for pid in chosen:
+        row = done[done.pair_id == pid].iloc[0]
+        try:
+            img = pair_figure(out_dir / "results.zarr", out_dir / "cohort.zarr", pid)
+        except Exception as exc:  # a missing volume must not cost the rest of the report
+            sections.append(f"<h3>{html.escape(pid)}</h3><p>slice views unavailable: {html.escape(str(exc))}</p>")
+            continue
+        structures = "".join(f"<tr><td>{html.escape(c.removeprefix('uncertainty_mean_mm_'))}</td>"
+                             f"<td>{_fmt(row[c])}</td></tr>" for c in label_cols)
+        table = (f"<table class='small'><tr><th>structure</th><th>mean std_mm</th></tr>{structures}</table>"
+                 if structures else "")
+        flag = " <span class='flag'>flagged</span>" if row.flagged else ""
+        sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
+                        f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
+                        f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
+                        f"src='{img}'>{table}")
+    cols = [c for c in COLUMNS if c in frame.columns]
+    head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
+    body = "".join(
+        f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}'>"
+        + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in cols) + "</tr>" for r in frame.itertuples())
+    scatter = error_scatter(frame) if "true_error_mean_mm" in frame else None
+    meta = meta or {}
+    failed = frame[frame.status != "complete"]
+    reasons = "".join(f"<li>{html.escape(r.pair_id)}: {html.escape(str(r.error))}</li>" for r in failed.itertuples())
+    summary = {"pairs": len(frame), "completed": len(done), "failed": len(failed), "flagged": int(done.flagged.sum()),
+               **meta}
+    page = TEMPLATE.format(
+        summary="".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in summary.items()),
+        reasons=f"<ul>{reasons}</ul>" if reasons else "",
+        hist=f"<img alt='risk histogram' src='{risk_histogram(frame, threshold)}'>",
+        scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
+        head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)))
+    path = out_dir / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>equiqc registration QC report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }}
+th {{ background: #f3f3f3; cursor: pointer; }}
+tr.flagged td {{ background: #fde2e1; }}
+tr.failed td {{ background: #eee; color: #777; }}
+.flag {{ background: #c44e52; color: white; padding: 2px 6px; border-radius: 3px; font-size: 13px; }}
+img {{ max-width: 100%; }}
+table.small td, table.small th {{ font-size: 13px; }}
+</style></head>
+<body data-shown="{data}">
+<h1>Registration QC report</h1>
+<h2>Cohort</h2><table>{summary}</table>{reasons}
+<h2>Risk scores</h2>{hist}{scatter}
+<h2>Pairs</h2><p>Click a column to sort. Red: flagged; grey: failed.</p>
+<table id="pairs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Flagged and highest-risk pairs</h2>{sections}
+<script>
+function sortTable(col) {{
+  const tbody = document.querySelector('#pairs tbody');
+  const rows = Array.from(tbody.rows);
+  const asc = tbody.dataset.col == col ? tbody.dataset.asc != 'true' : false;
+  rows.sort((a, b) => {{
+    const x = a.cells[col].innerText, y = b.cells[col].innerText;
+    const nx = parseFloat(x), ny = parseFloat(y);
+    const c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+    return asc ? c : -c;
+  }});
+  rows.forEach(r => tbody.appendChild(r));
+  tbody.dataset.col = col; tbody.dataset.asc = asc;
+}}
+window.addEventListener('load', () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesDecoded = ok + '/' + imgs.length;
+}});
+</script>
+</body></html>
+"""
