@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("html")
     cohort = build_demo_cohort(base, pairs=5, seed=2, failure_fraction=0.2)
     with open(cohort.manifest, "a") as fh:  # one pair that fails, to show its reason
-        fh.write("sub-999,sub-999_to_atlas,missing.nii.gz,atlas.nii.gz,,,\n")
+        fh.write("sub-999,missing.nii.gz,atlas.nii.gz,sub-999_to_atlas,,,\n")  # canonical column order
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0")
     handle = ClusterHandle(Client(cluster), cluster, False)
     try:

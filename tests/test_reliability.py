@@ -43,8 +43,9 @@ def small_cohort(folder: Path, n: int = 4) -> Path:
 
 
 def local(workers: int = 2, processes: bool = True) -> ClusterHandle:
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, host="127.0.0.1",
-                           dashboard_address=":0")
+    where = {"host": "127.0.0.1"} if processes else {}  # in-process workers talk over inproc://
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=":0",
+                           **where)
     return ClusterHandle(Client(cluster), cluster, False)
 
 

@@ -86,20 +86,26 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
     """Target / checkerboard of warped source and target / std_mm, in three planes through the peak."""
     std, _ = read_array(results_root, pair_id, "std_mm")
     pred, _ = read_array(results_root, pair_id, "prediction_map")
-    vols = read_pair(cohort_root, pair_id, ("source", "target"))
+    vols = read_pair(cohort_root, pair_id, ("source", "target", "target_mask"))
     target = vols["target"].data
     warped = T.warp(torch.as_tensor(vols["source"].data)[None, None], torch.as_tensor(pred)[None])[0, 0].numpy()
     norm = lambda v: v / max(np.percentile(v, 99.5), 1e-6)  # noqa: E731
-    smooth = uniform_filter(np.nan_to_num(std, nan=0.0), size=5)
+    # the region QC is about: the target mask, else the target's head (not the empty background)
+    region = vols["target_mask"].data > 0 if "target_mask" in vols else norm(target) > 0.1
+    region &= np.isfinite(std)
+    shown = np.where(region, std, np.nan)
+    smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
-    vmax = float(np.nanpercentile(std, 99.5)) if np.isfinite(std).any() else 1.0
+    vmax = float(np.nanpercentile(shown, 99)) if region.any() else 1.0
     fig, axes = plt.subplots(3, 3, figsize=(10, 9.5))
     rows = [("target", norm(target), "gray", (0, 1)),
             ("warped source | target", _checkerboard(norm(warped), norm(target)), "gray", (0, 1)),
-            ("std_mm", std, "magma", (0, vmax))]
+            ("std_mm", shown, "magma", (0, vmax))]
     for r, (title, vol, cmap, (lo, hi)) in enumerate(rows):
         for c, (plane, img, (left, right)) in enumerate(_views(vol, centre)):
             ax = axes[r, c]
+            if cmap == "magma":  # uncertainty over a dimmed anatomy, transparent outside the region
+                ax.imshow(_views(norm(target), centre)[c][1], origin="lower", cmap="gray", vmin=0, vmax=2.5)
             im = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -108,7 +114,8 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
             ax.text(0.93, 0.5, right, transform=ax.transAxes, color="yellow", fontsize=12, weight="bold")
         if cmap == "magma":
             fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.8, label="std_mm (mm)")
-    fig.suptitle(f"{pair_id}: slices through the region of highest uncertainty (voxel {tuple(map(int, centre))})")
+    fig.suptitle(f"{pair_id}: slices through the region of highest uncertainty (voxel {tuple(map(int, centre))})",
+                 y=0.93)
     return _png(fig)
 
 
