@@ -59,7 +59,8 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume (or 4D with one volume), got shape {data.shape}")
-    return Volume(data.astype(dtype, copy=False), canonical.affine.astype(np.float64),
+    # reorientation may leave negative strides (flipped axes): make the array contiguous for torch and zarr
+    return Volume(np.ascontiguousarray(data, dtype=dtype), canonical.affine.astype(np.float64),
                   img.affine.astype(np.float64), tuple(int(n) for n in img.shape[:3]), orientation)
 
 

@@ -1,11 +1,12 @@
 """One place where backends are found by name.
 
 Built in: ``default`` (the shipped network), ``affine-opt`` (classical affine baseline), ``unigradicon``,
-``multigradicon``, ``torchscript:PATH`` and ``python:package.module:factory``. Other packages add
-backends without editing equiqc through the entry-point group ``equiqc.backends``: an entry point
-``name = package.module:factory`` makes ``--model name`` call ``factory(weights=..., device=...,
-mc_dropout=..., **options)``, which returns an object implementing
-:class:`~pipeline.backends.base.RegistrationBackend`. In-process, :func:`register_backend` does the same.
+``multigradicon``, ``multipropreg`` (extra ``equiqc[multipropreg]``), ``torchscript:PATH`` and
+``python:package.module:factory``. Other packages add backends without editing equiqc through the
+entry-point group ``equiqc.backends``: an entry point ``name = package.module:factory`` makes
+``--model name`` call ``factory(weights=..., device=..., mc_dropout=..., **options)``, which returns an
+object implementing :class:`~pipeline.backends.base.RegistrationBackend`. In-process,
+:func:`register_backend` does the same.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def _builtin(name: str) -> Factory | None:
             return AffineOptimisation(device=device, **options)
 
         return affine
+    if name == "multipropreg":
+        from pipeline.backends.multipropreg import load_multipropreg
+
+        return load_multipropreg
     if name in ("unigradicon", "multigradicon"):
         from pipeline.backends.icon import load_icon
 
@@ -49,7 +54,7 @@ def _builtin(name: str) -> Factory | None:
 
 def available() -> list[str]:
     """Names usable with ``--model`` (besides the ``torchscript:`` and ``python:`` prefixes)."""
-    names = {"default", "affine-opt", "unigradicon", "multigradicon", *_REGISTRY}
+    names = {"default", "affine-opt", "unigradicon", "multigradicon", "multipropreg", *_REGISTRY}
     names |= {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     return sorted(names)
 

@@ -1,0 +1,121 @@
+"""MultiPropReg (``MultiPropReg==0.1.1`` on PyPI, MIT; Liu et al., "Learning Deformable Image Registration
+from Optimization") as a backend: a real third-party pretrained brain-MRI model that works offline.
+
+Weights: the package's ``models/pretrained_model_epoch400.ckpt``, loaded with
+``torch.load(weights_only=True)`` into ``networks.DeformableNet(LossFunction_Registration(),
+["conv_3x3"] * 6, ["conv_3x3"] * 6)`` with strict key matching (the package's own ``scripts/test.py`` loads
+with ``strict=False`` into other classes and silently leaves tensors random).
+
+Conventions: the network takes source and target at 160 x 192 x 224 voxels of 1 mm (skull-stripped,
+intensities in [0, 1]) and returns ``(warped, flow, ...)`` with ``flow`` a voxel displacement, channel i =
+array axis i, ``warped = src o (id + flow)``: ``displacement/voxel/ij``.
+
+Any input grid: both images are resampled (trilinear) in *physical space* onto one axis-aligned 1 mm
+RAS+ grid of the network's shape, centred on the target's field of view; intensities are scaled to [0, 1]
+by each image's min and max. The predicted map is brought back to DESIGN's convention on the original
+target grid: ``phi(y) = A_src^-1 N phi_net(N^-1 A_tgt y)`` with ``N`` the network grid's affine. Inputs
+should be skull-stripped brain MRI like the package's atlas. The package's import-time and forward-time
+UserWarnings are silenced locally (never globally).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pipeline import transforms as T
+
+Tensor = torch.Tensor
+NET_SHAPE = (160, 192, 224)
+
+
+def package_dir() -> Path:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import MultiPropReg
+    except ImportError as exc:
+        raise ImportError("the multipropreg backend needs the MultiPropReg package: "
+                          "pip install 'equiqc[multipropreg]'") from exc
+    return Path(list(MultiPropReg.__path__)[0])  # a namespace package: __file__ is None
+
+
+def default_weights() -> Path:
+    return package_dir() / "models" / "pretrained_model_epoch400.ckpt"
+
+
+def atlas_paths() -> tuple[Path, Path]:
+    """The package's atlas volume and its 14-label segmentation (160 x 192 x 224, 1 mm, identity affine)."""
+    d = package_dir() / "data"
+    return d / "atlas_vol.nii", d / "atlas_seg_14labels.nii"
+
+
+def build_network() -> nn.Module:
+    package_dir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from MultiPropReg.torch.losses import LossFunction_Registration
+        from MultiPropReg.torch.networks import DeformableNet
+
+        return DeformableNet(LossFunction_Registration(), ["conv_3x3"] * 6, ["conv_3x3"] * 6)
+
+
+def net_grid_affine(target_shape, target_affine: Tensor) -> Tensor:
+    """1 mm axis-aligned RAS+ grid of the network's shape, centred on the target's field of view."""
+    centre = T.grid_centre_mm(target_shape, target_affine.double())
+    n = torch.eye(4, dtype=torch.float64, device=target_affine.device)
+    n[:3, 3] = centre - torch.tensor([(s - 1) / 2 for s in NET_SHAPE], dtype=torch.float64, device=centre.device)
+    return n
+
+
+def _minmax(x: Tensor) -> Tensor:
+    flat = x.flatten(1)
+    lo, hi = flat.amin(1).view(-1, 1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1, 1)
+    return (x - lo) / (hi - lo).clamp_min(1e-6)
+
+
+class MultiPropRegBackend:
+    """Backend adapter (see module docstring)."""
+
+    name = "multipropreg"
+    stochastic = False
+    input_shape = NET_SHAPE
+
+    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu"):
+        path = Path(weights) if weights else default_weights()
+        if not path.is_file():
+            raise FileNotFoundError(f"MultiPropReg weights not found: {path}; pip install 'equiqc[multipropreg]' "
+                                    "or pass --weights PATH/pretrained_model_epoch400.ckpt")
+        self.device = torch.device(device)
+        self.net = build_network()
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state, strict=True)  # any missing or unexpected key is an error
+        self.net.to(self.device).eval()
+
+    @torch.no_grad()
+    def register(self, source: Tensor, target: Tensor, source_affine: Tensor | None = None,
+                 target_affine: Tensor | None = None) -> Tensor:
+        a_src = T.as_matrix(source_affine, 3, device=source.device)
+        a_tgt = T.as_matrix(target_affine, 3, device=source.device)
+        n = net_grid_affine(target.shape[2:], a_tgt)
+        b = source.shape[0]
+        src = T.warp(_minmax(source[:, :1].float()), T.affine_map(torch.linalg.inv(a_src) @ n, NET_SHAPE)
+                     .expand(b, -1, *NET_SHAPE))
+        tgt = T.warp(_minmax(target[:, :1].float()), T.affine_map(torch.linalg.inv(a_tgt) @ n, NET_SHAPE)
+                     .expand(b, -1, *NET_SHAPE))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flow = self.net(src, tgt)[1]
+        phi_net = T.displacement_to_map(flow.float())  # net grid -> net grid (voxels)
+        y_net = T.affine_map(torch.linalg.inv(n) @ a_tgt, target.shape[2:]).expand(b, -1, *target.shape[2:])
+        return T.apply_affine(torch.linalg.inv(a_src) @ n, T.sample_map(phi_net, y_net))
+
+
+def load_multipropreg(weights=None, device="cpu", mc_dropout=False, **options) -> MultiPropRegBackend:
+    if mc_dropout:
+        raise ValueError("multipropreg has no dropout layers, so MC-dropout cannot be run on it; "
+                         "use --method equivariance")
+    return MultiPropRegBackend(weights, device)
