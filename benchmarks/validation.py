@@ -13,7 +13,7 @@ default model:
 Then: MC-dropout (same K) vs equivariance (rigid) on the "both" pairs (voxel correlation of the two maps,
 and of each with the true error), and a K sweep (4..64, rigid) for stability and correlation.
 
-    python benchmarks/validation.py --pairs 20 --samples 8 --out docs/validation
+    python benchmarks/validation.py --pairs 20 --samples 4 --out docs/validation
 prints JSON lines and writes ``results.json`` and PNG plots into ``--out``.
 """
 
@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--error-threshold", type=float, default=2.5)
     p.add_argument("--out", default="docs/validation")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--sweep-pairs", type=int, default=3)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def main() -> None:
     if not args.skip_sweep:
         ks = (4, 8, 16, 32, 64)
         sweep = {k: {"corr": [], "rel_change": []} for k in ks}
-        for i, (src, truth) in enumerate(cached["both"][:5]):
+        for i, (src, truth) in enumerate(cached["both"][: args.sweep_pairs]):
             maps = {}
             for k in ks:
                 cfg = EstimatorConfig(samples=k, batch_size=args.batch_size, perturbation=PerturbationConfig("rigid"))

@@ -139,6 +139,7 @@ def test_a_worker_killed_mid_estimation_loses_nothing(clean, tmp_path):
         thread.join()
         handle.close()
     assert killed, "no worker was killed"
+    print(f"RELIABILITY worker SIGKILL: pid {killed[0]} killed mid-estimation; 4 of 4 pairs complete, arrays equal")
     assert [r["status"] for r in summary.rows] == ["complete"] * 4
     a, b = stored(tmp_path / "out"), stored(reference)
     assert a.keys() == b.keys()
@@ -176,6 +177,8 @@ def test_a_killed_run_resumes_only_incomplete_pairs_and_a_second_run_is_refused(
     finally:
         handle.close()
     assert summary.computed == 4 - len(done_before)
+    print(f"RELIABILITY killed run: {len(done_before)} of 4 pairs complete at the kill, {summary.computed} "
+          "recomputed on resume, report equal to a clean run's")
     pd.testing.assert_frame_equal(pd.read_parquet(out / "report.parquet").drop(columns="runtime_s"),
                                   pd.read_parquet(reference / "report.parquet").drop(columns="runtime_s"))
 

@@ -105,10 +105,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from workflows.demo import LABEL_NAMES, build_demo_cohort, demo_summary
     from workflows.run import run_cohort
 
-    cohort = build_demo_cohort(args.out, pairs=args.pairs, seed=args.seed or 0)
-    print(f"demo cohort: {args.pairs} pairs -> {cohort.manifest}")
     config = _config(args)
-    config.label_names = config.label_names or dict(LABEL_NAMES)
+    atlas = "multipropreg" if config.model == "multipropreg" else "mni"
+    cohort = build_demo_cohort(args.out, pairs=args.pairs, seed=args.seed or 0, atlas=atlas)
+    print(f"demo cohort: {args.pairs} pairs from the {atlas} atlas -> {cohort.manifest}")
+    if atlas == "mni":
+        config.label_names = config.label_names or dict(LABEL_NAMES)
     summary = run_cohort(cohort.manifest, args.out, config)
     _print_run(summary)
     stats = demo_summary(summary.rows, cohort.truth)

@@ -15,7 +15,8 @@ About 20 % of the pairs are injected failures, of four kinds in turn:
 * ``wrong_image``: the subject's image replaced by another contrast (inverted intensities in the head).
 
 Target labels are the template's tissue classes (1 = CSF, 2 = grey matter, 3 = white matter, from the
-shipped probability maps), the target mask is the brain mask.
+shipped probability maps), the target mask is the brain mask. With ``--model multipropreg`` the cohort is
+built the same way from MultiPropReg's own 1 mm atlas, with its 14 labels as the structures.
 """
 
 from __future__ import annotations
@@ -43,7 +44,18 @@ class DemoCohort:
     truth: dict[str, str]  # pair_id -> "good" or the failure kind
 
 
-def _templates():
+def _templates(atlas: str = "mni"):
+    """(T1, affine, brain mask, tissue/structure labels) of the demo's atlas: ``mni`` or ``multipropreg``."""
+    if atlas == "multipropreg":
+        import nibabel as nib
+
+        from pipeline.backends.multipropreg import atlas_paths
+
+        vol_path, seg_path = atlas_paths()
+        vol = nib.load(str(vol_path))
+        t1 = np.asarray(vol.dataobj, dtype=np.float32)
+        seg = np.asarray(nib.load(str(seg_path)).dataobj).astype(np.int16)
+        return t1, np.asarray(vol.affine, np.float64), t1 > 0.05, seg
     from nilearn.datasets import (
         load_mni152_brain_mask,
         load_mni152_gm_template,
@@ -94,11 +106,16 @@ def _intensity(img: np.ndarray, gen: torch.Generator) -> np.ndarray:
     return x[0, 0].numpy().astype(np.float32)
 
 
-def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_fraction: float = 0.2) -> DemoCohort:
-    """Write the synthetic cohort (NIfTI + manifest.csv) under ``out/data``."""
+def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_fraction: float = 0.2,
+                      atlas: str = "mni") -> DemoCohort:
+    """Write the synthetic cohort (NIfTI + manifest.csv) under ``out/data``.
+
+    ``atlas``: ``mni`` (nilearn's MNI152 2009 at 2 mm, tissue labels csf/gm/wm) or ``multipropreg`` (the
+    MultiPropReg package's 1 mm skull-stripped atlas and its 14-label segmentation).
+    """
     out = Path(out) / "data"
     out.mkdir(parents=True, exist_ok=True)
-    t1, affine, brain, labels = _templates()
+    t1, affine, brain, labels = _templates(atlas)
     save_volume(out / "atlas.nii.gz", t1, affine)
     save_volume(out / "atlas_brain_mask.nii.gz", brain.astype(np.uint8), affine)
     save_volume(out / "atlas_tissue_labels.nii.gz", labels, affine)
