@@ -172,16 +172,20 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
     open_results(results)
     resources = {"GPU": 1} if handle.gpu else None
     config_dict = config.to_dict()
-    futures = {}
+    futures, ingests = {}, {}
     for spec in specs:
         ingest = client.submit(ingest_task, spec, store, config.max_voxels, key=f"ingest-{spec.pair_id}",
                                retries=config.retries, pure=False)
+        ingests[ingest] = spec
         futures[client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict,
                               key=f"estimate-{spec.pair_id}", resources=resources, retries=config.retries,
                               pure=False)] = spec
-    progress = Progress("estimate", len(specs))
+    progress = {"ingest": Progress("ingest", len(specs)), "estimate": Progress("estimate", len(specs))}
     rows: dict[str, dict] = {}
-    for future in as_completed(futures):
+    for future in as_completed(list(ingests) + list(futures)):
+        if future in ingests:
+            progress["ingest"].step()
+            continue
         spec = futures[future]
         try:
             row = future.result()
@@ -189,7 +193,7 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
             row = {"subject_id": spec.subject_id, "pair_id": spec.pair_id, "status": "failed",
                    "error": f"{type(exc).__name__}: {exc}", "_computed": True}
         rows[spec.pair_id] = row
-        progress.step()
+        progress["estimate"].step()
     return [rows[s.pair_id] for s in specs]  # manifest order
 
 
