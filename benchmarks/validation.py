@@ -101,8 +101,10 @@ def main() -> None:
                     "n_above_threshold": int((err_mean > args.error_threshold).sum()),
                     "mean_error_mm": round(float(err_mean.mean()), 3), "tta_error_mm": round(float(tta.mean()), 3),
                     "elapsed_s": round(time.perf_counter() - start, 1)}
+            line["pairs_detail"] = [{"true_error_mean_mm": round(float(e), 3), "risk_score": round(float(r), 3)}
+                                    for e, r in zip(err_mean, risk, strict=True)]
             results["table"].append(line)
-            print(json.dumps(line), flush=True)
+            print(json.dumps({k: v for k, v in line.items() if k != "pairs_detail"}), flush=True)
     # MC-dropout vs equivariance on the "both" pairs
     mc = load_backend("default", mc_dropout=True)
     rigid = EstimatorConfig(samples=args.samples, batch_size=args.batch_size, perturbation=PerturbationConfig("rigid"))
