@@ -207,14 +207,14 @@ def estimate_uncertainty(
                 group = torch.tensor([i for i, g in enumerate(batch) if g.counted for _ in range(g.draws)],
                                      device=device)
                 group -= group.min()
-                psi_mm = T.voxel_to_mm(psi[counted].double(), a_src)
+                psi_mm = T.voxel_to_mm(psi[counted], a_src)  # float32: centred inside the accumulator
                 stats.update(psi_mm, valid[counted], group)
             timer.lap("statistics", t0)
             del tau, moved, phi_p, psi
 
         cov = stats.covariance("total")
         std = torch.sqrt(M.trace(cov, d).clamp_min(0))
-        mean_vox = T.mm_to_voxel(stats.mean[None], a_src)[0]
+        mean_vox = T.mm_to_voxel(stats.mean_value()[None], a_src)[0]
         mean_vox = torch.where(stats.count > 0, mean_vox, torch.full_like(mean_vox, float("nan")))
         split = config.draws > 1
         result = UncertaintyResult(

@@ -95,6 +95,20 @@ def _subject_map(shape, affine, gen, rot_deg=4.0, shift_mm=4.0, scale=0.04, vel_
     return fwd, inv
 
 
+def rigidly_moved(data: np.ndarray, affine: np.ndarray, degrees=(3.0, -2.0, 4.0), shift_mm=(4.0, -3.0, 2.0)):
+    """``(moved image, true map)``: ``data`` moved by a rigid world transform about the grid centre.
+
+    The true map (source = ``data`` -> target = moved) is in source voxels, ``(3, *shape)`` float64.
+    """
+    a = torch.as_tensor(affine, dtype=torch.float64)
+    rot = _rotation(torch.deg2rad(torch.tensor([degrees], dtype=torch.float64)), 3)[0]
+    c = T.grid_centre_mm(data.shape, a)
+    world = T.matrix_from_parts(rot, c - rot @ c + torch.tensor(shift_mm, dtype=torch.float64))
+    phi = T.affine_map(T.voxel_matrix_from_world(world, a), data.shape, torch.float64)
+    moved = T.warp(torch.as_tensor(data, dtype=torch.float32)[None, None], phi.float())[0, 0].numpy()
+    return moved, phi[0].numpy()
+
+
 def _intensity(img: np.ndarray, gen: torch.Generator) -> np.ndarray:
     x = torch.as_tensor(img)[None, None]
     gamma = float(torch.exp((torch.rand(1, generator=gen) * 2 - 1) * 0.2))

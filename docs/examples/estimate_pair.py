@@ -19,27 +19,22 @@ import numpy as np
 import torch
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
-from pipeline import transforms as T
 from pipeline.backends.affine_opt import AffineOptimisation
 from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from pipeline.perturbations import PerturbationConfig, _rotation
+from pipeline.perturbations import PerturbationConfig
+from pipeline.scores import map_error_mm
 from storage.nifti import load_volume, save_volume
+from workflows.demo import rigidly_moved
 
 
 def make_pair(out: Path) -> tuple[Path, Path, np.ndarray]:
     """Write source.nii.gz (template) and target.nii.gz (template moved rigidly); return the true map."""
     tpl = load_mni152_template(resolution=4)
     data = np.asarray(tpl.dataobj, dtype=np.float32)
-    affine = tpl.affine
-    rot = _rotation(torch.deg2rad(torch.tensor([[3.0, -2.0, 6.0]], dtype=torch.float64)), 3)[0]
-    centre = T.grid_centre_mm(data.shape, torch.as_tensor(affine))
-    world = T.matrix_from_parts(rot, centre - rot @ centre + torch.tensor([5.0, -3.0, 2.0], dtype=torch.float64))
-    vox = T.voxel_matrix_from_world(world, torch.as_tensor(affine))  # target voxel -> source voxel
-    phi = T.affine_map(vox, data.shape, torch.float64)
-    target = T.warp(torch.as_tensor(data)[None, None], phi.float())[0, 0].numpy()
-    save_volume(out / "source.nii.gz", data, affine)
-    save_volume(out / "target.nii.gz", target, affine)
-    return out / "source.nii.gz", out / "target.nii.gz", phi[0].numpy()
+    target, truth = rigidly_moved(data, tpl.affine, degrees=(3.0, -2.0, 6.0), shift_mm=(5.0, -3.0, 2.0))
+    save_volume(out / "source.nii.gz", data, tpl.affine)
+    save_volume(out / "target.nii.gz", target, tpl.affine)
+    return out / "source.nii.gz", out / "target.nii.gz", truth
 
 
 def main() -> None:
@@ -59,8 +54,7 @@ def main() -> None:
     result = estimate_uncertainty(AffineOptimisation(), source.data, target.data, source.affine, target.affine,
                                   config, seed=0)
     elapsed = time.perf_counter() - start
-    lin = source.affine[:3, :3]
-    err_mm = np.linalg.norm(np.einsum("ij,j...->i...", lin, result.prediction_map - true_map), axis=0)
+    err_mm = map_error_mm(result.prediction_map, true_map, source.affine)
     ok = brain & (result.n_valid >= 2)
     print(f"pair: {src_path} -> {tgt_path} ({'x'.join(map(str, target.data.shape))} voxels, 4 mm)")
     print(f"K={result.n_samples} rigid perturbations in {elapsed:.1f} s")
