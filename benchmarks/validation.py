@@ -31,7 +31,7 @@ from pipeline import transforms as T
 from pipeline.backends.registry import load_backend
 from pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
 from pipeline.perturbations import KINDS, PerturbationConfig
-from pipeline.scores import _spearman, auroc, cohort_scores, map_error_mm, pair_summary
+from pipeline.scores import auroc, cohort_scores, map_error_mm, pair_summary, spearman
 from workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
@@ -89,14 +89,14 @@ def main() -> None:
                 region = brain & (res.n_valid >= 2)
                 err = map_error_mm(res.prediction_map, truth, affine)
                 vp.append(pearson(res.std_mm[region], err[region]))
-                vs.append(_spearman(res.std_mm[region], err[region]))
+                vs.append(spearman(res.std_mm[region], err[region]))
                 rows.append({"status": "complete", "pair": i, **pair_summary(res, affine, brain, None, truth)})
             cohort_scores(rows)
             risk = np.array([r["risk_score"] for r in rows])
             err_mean = np.array([r["true_error_mean_mm"] for r in rows])
             tta = np.array([r["tta_error_mean_mm"] for r in rows])
             line = {"gt": gt, "perturbation": kind, "voxel_pearson": median_iqr(vp), "voxel_spearman": median_iqr(vs),
-                    "pair_spearman_risk_error": round(_spearman(risk, err_mean), 3),
+                    "pair_spearman_risk_error": round(spearman(risk, err_mean), 3),
                     "auroc_error_above_threshold": round(auroc(risk, err_mean > args.error_threshold), 3),
                     "n_above_threshold": int((err_mean > args.error_threshold).sum()),
                     "mean_error_mm": round(float(err_mean.mean()), 3), "tta_error_mm": round(float(tta.mean()), 3),
@@ -114,9 +114,9 @@ def main() -> None:
         b = estimate_uncertainty(mc, src, t1, affine, affine, mc_dropout_config(args.samples, args.batch_size), seed=i)
         region = brain & (a.n_valid >= 2) & (b.n_valid >= 2)
         err = map_error_mm(a.prediction_map, truth, affine)
-        agree.append(_spearman(a.std_mm[region], b.std_mm[region]))
-        eq_err.append(_spearman(a.std_mm[region], err[region]))
-        mc_err.append(_spearman(b.std_mm[region], err[region]))
+        agree.append(spearman(a.std_mm[region], b.std_mm[region]))
+        eq_err.append(spearman(a.std_mm[region], err[region]))
+        mc_err.append(spearman(b.std_mm[region], err[region]))
     results["mc_dropout"] = {"spearman_equivariance_vs_mcdropout": median_iqr(agree),
                              "spearman_equivariance_vs_error": median_iqr(eq_err),
                              "spearman_mcdropout_vs_error": median_iqr(mc_err)}
@@ -133,7 +133,7 @@ def main() -> None:
             err = map_error_mm(maps[64].prediction_map, truth, affine)
             for k in ks:
                 s = maps[k].std_mm[region]
-                sweep[k]["corr"].append(_spearman(s, err[region]))
+                sweep[k]["corr"].append(spearman(s, err[region]))
                 sweep[k]["rel_change"].append(float(np.nanmean(np.abs(s - maps[64].std_mm[region]))
                                                     / np.nanmean(maps[64].std_mm[region])))
         results["k_sweep"] = {k: {"voxel_spearman": median_iqr(v["corr"]), "rel_change_vs_64": median_iqr(

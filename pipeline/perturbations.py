@@ -122,7 +122,7 @@ class Perturbations:
         return T.compose(tau, phi_prime)
 
 
-def _rotation(angles_rad: Tensor, d: int) -> Tensor:
+def rotation_matrices(angles_rad: Tensor, d: int) -> Tensor:
     """Rotation matrices (K, D, D) from angles (K, 1) in 2D or Euler angles (K, 3) about axes 0, 1, 2 in 3D."""
     k = angles_rad.shape[0]
     if d == 2:
@@ -150,7 +150,7 @@ def world_linear_parts(config: PerturbationConfig, k: int, d: int, generator: to
         return linear, torch.zeros_like(translation)
     if config.kind in ("rigid", "affine"):
         n_angles = 1 if d == 2 else 3
-        linear = _rotation(torch.deg2rad(uniform(k, n_angles, half=config.max_rotation_deg)), d)
+        linear = rotation_matrices(torch.deg2rad(uniform(k, n_angles, half=config.max_rotation_deg)), d)
     if config.kind == "affine":
         scale = torch.diag_embed(torch.exp(uniform(k, d, half=config.max_log_scale)))
         shear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)

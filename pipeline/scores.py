@@ -67,7 +67,7 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
         tta = map_error_mm(np.nan_to_num(result.mean_map), ground_truth, source_affine)
         out["tta_error_mean_mm"] = float(tta[region].mean()) if region.any() else np.nan
         if region.any():  # voxel-level agreement of uncertainty with the prediction's true error
-            out["voxel_spearman_std_error"] = _spearman(std, err[region])
+            out["voxel_spearman_std_error"] = spearman(std, err[region])
     return out
 
 
@@ -78,7 +78,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return float("nan")
     return float(np.corrcoef(_rank(a), _rank(b))[0, 1])

@@ -8,7 +8,7 @@ import torch
 
 from pipeline import transforms as T
 from pipeline.backends.affine_opt import AffineOptimisation
-from pipeline.perturbations import _rotation
+from pipeline.perturbations import rotation_matrices
 from workflows.cli import main
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -25,7 +25,7 @@ def blobs() -> np.ndarray:
 
 def moved_pair():
     src = blobs()
-    rot = _rotation(torch.deg2rad(torch.tensor([[0.0, 0.0, 4.0]], dtype=torch.float64)), 3)[0]
+    rot = rotation_matrices(torch.deg2rad(torch.tensor([[0.0, 0.0, 4.0]], dtype=torch.float64)), 3)[0]
     a = torch.as_tensor(AFFINE)
     c = T.grid_centre_mm(SHAPE, a)
     world = T.matrix_from_parts(rot, c - rot @ c + torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64))

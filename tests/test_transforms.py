@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import transforms as T
-from pipeline.perturbations import _rotation
+from pipeline.perturbations import rotation_matrices
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -28,7 +28,7 @@ def world_affine(rng: np.random.Generator, d: int) -> torch.Tensor:
     """A voxel-to-world affine with anisotropic spacing, an oblique rotation and an offset."""
     spacing = rng.uniform(0.5, 3.0, d)
     angles = torch.as_tensor(rng.uniform(-0.6, 0.6, 1 if d == 2 else 3))
-    rot = _rotation(angles[None], d)[0].numpy()
+    rot = rotation_matrices(angles[None], d)[0].numpy()
     m = np.eye(d + 1)
     m[:d, :d] = rot @ np.diag(spacing)
     m[:d, d] = rng.uniform(-100, 100, d)
@@ -157,7 +157,7 @@ def test_world_to_voxel_matrix_of_a_world_rotation_about_the_centre_fixes_the_ce
     a = world_affine(rng, 3)
     shape = (11, 13, 9)
     c = T.grid_centre_mm(shape, a)
-    rot = _rotation(torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64), 3)[0]
+    rot = rotation_matrices(torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64), 3)[0]
     world = T.matrix_from_parts(rot, c - rot @ c)
     vox = T.voxel_matrix_from_world(world, a)
     centre_vox = torch.tensor([(n - 1) / 2 for n in shape] + [1.0], dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_scaling_and_squaring_of_a_constant_field_is_a_translation():
 
 
 def test_rotation_matrices_are_proper():
-    r = _rotation(torch.tensor([[0.3, -1.0, 2.0], [0.0, 0.0, math.pi / 2]], dtype=torch.float64), 3)
+    r = rotation_matrices(torch.tensor([[0.3, -1.0, 2.0], [0.0, 0.0, math.pi / 2]], dtype=torch.float64), 3)
     eye = torch.eye(3, dtype=torch.float64).expand(2, 3, 3)
     assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-12)
     assert torch.allclose(torch.linalg.det(r), torch.ones(2, dtype=torch.float64))

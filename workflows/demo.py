@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import transforms as T
-from pipeline.perturbations import _rotation
+from pipeline.perturbations import rotation_matrices
 from pipeline.scores import auroc
 from storage.manifest import write_manifest
 from storage.nifti import save_volume
@@ -82,7 +82,7 @@ def _subject_map(shape, affine, gen, rot_deg=4.0, shift_mm=4.0, scale=0.04, vel_
     if axis_rot is not None:
         deg = torch.zeros(1, 3, dtype=torch.float64)
         deg[0, axis_rot[0]] = axis_rot[1]
-    lin = _rotation(torch.deg2rad(deg), 3)[0] @ torch.diag(1 + u(3) * scale)
+    lin = rotation_matrices(torch.deg2rad(deg), 3)[0] @ torch.diag(1 + u(3) * scale)
     c = T.grid_centre_mm(shape, a)
     world = T.matrix_from_parts(lin, c - lin @ c + u(3) * shift_mm)
     m = T.voxel_matrix_from_world(world, a)
@@ -101,7 +101,7 @@ def rigidly_moved(data: np.ndarray, affine: np.ndarray, degrees=(3.0, -2.0, 4.0)
     The true map (source = ``data`` -> target = moved) is in source voxels, ``(3, *shape)`` float64.
     """
     a = torch.as_tensor(affine, dtype=torch.float64)
-    rot = _rotation(torch.deg2rad(torch.tensor([degrees], dtype=torch.float64)), 3)[0]
+    rot = rotation_matrices(torch.deg2rad(torch.tensor([degrees], dtype=torch.float64)), 3)[0]
     c = T.grid_centre_mm(data.shape, a)
     world = T.matrix_from_parts(rot, c - rot @ c + torch.tensor(shift_mm, dtype=torch.float64))
     phi = T.affine_map(T.voxel_matrix_from_world(world, a), data.shape, torch.float64)
@@ -191,9 +191,9 @@ def demo_summary(rows: list[dict], truth: dict[str, str]) -> dict:
     err = np.array([r.get("true_error_mean_mm", np.nan) for r in done], float)
     ok = np.isfinite(unc) & np.isfinite(err)
     if ok.sum() >= 3:
-        from pipeline.scores import _spearman
+        from pipeline.scores import spearman
 
-        out["pair_spearman_uncertainty_vs_error"] = _spearman(unc[ok], err[ok])
+        out["pair_spearman_uncertainty_vs_error"] = spearman(unc[ok], err[ok])
     vox = np.array([r.get("voxel_spearman_std_error", np.nan) for r in done], float)
     if np.isfinite(vox).any():
         out["voxel_spearman_median"] = float(np.nanmedian(vox))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline import transforms as T
 from pipeline.backends.default_net import NET_SHAPE, DefaultNet
 from pipeline.backends.module import percentile_normalise as normalise
-from pipeline.perturbations import _rotation
+from pipeline.perturbations import rotation_matrices
 
 CONFIG = {"channels": (16, 32, 32, 32, 32), "dropout": 0.1, "steps": 6}
 
@@ -52,7 +52,7 @@ def load_template(path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def random_maps(k: int, gen: torch.Generator, device, spacing: np.ndarray):
     """k maps ``M o exp(v)`` on the network grid: (affine matrices (k,4,4), velocity (k,3,*NET_SHAPE))."""
     deg = (torch.rand(k, 3, generator=gen) * 2 - 1) * 6.0
-    rot = _rotation(torch.deg2rad(deg).double(), 3)
+    rot = rotation_matrices(torch.deg2rad(deg).double(), 3)
     scale = torch.diag_embed(1 + (torch.rand(k, 3, generator=gen).double() * 2 - 1) * 0.05)
     shift_mm = (torch.rand(k, 3, generator=gen).double() * 2 - 1) * 5.0
     sp = torch.as_tensor(spacing, dtype=torch.float64)
