@@ -13,6 +13,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,13 +122,14 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--work", default="/tmp/equiqc-perf")
+    p.add_argument("--work", default=None, help="scratch folder for the cohorts (default: a new temp folder)")
     p.add_argument("--out", default="docs/performance")
     p.add_argument("--parts", default="in_process,scaling,naive,memory,mc",
                    help="comma-separated subset of in_process,scaling,naive,memory,mc")
     args = p.parse_args()
     parts = set(args.parts.split(","))
-    work, out = Path(args.work), Path(args.out)
+    work = Path(args.work or tempfile.mkdtemp(prefix="equiqc-perf-"))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cohort = build_demo_cohort(work, pairs=args.pairs, seed=5, failure_fraction=0.0)
     specs = read_manifest(cohort.manifest)
