@@ -75,8 +75,9 @@ def test_every_bad_input_is_a_clear_per_pair_error_and_the_rest_complete(tmp_pat
     data = tmp_path / "data"
     manifest = small_cohort(data, n=1)
     rows = [{"subject_id": "s0", "pair_id": "p0", "source": "s0.nii.gz", "target": "tpl.nii.gz"}]
-    cases = {name: msg for name, (_, msg) in bad_inputs(data).items()}
-    for name, (writer, _) in bad_inputs(data).items():
+    bad = bad_inputs(data)
+    cases = {name: msg for name, (_, msg) in bad.items()}
+    for name, (writer, _) in bad.items():
         if writer is not None:
             writer(data / f"{name}.nii.gz")
         rows.append({"subject_id": name, "pair_id": name, "source": f"{name}.nii.gz", "target": "tpl.nii.gz"})

@@ -87,25 +87,26 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
     std, _ = read_array(results_root, pair_id, "std_mm")
     pred, _ = read_array(results_root, pair_id, "prediction_map")
     vols = read_pair(cohort_root, pair_id, ("source", "target", "target_mask"))
-    target = vols["target"].data
     warped = T.warp(torch.as_tensor(vols["source"].data)[None, None], torch.as_tensor(pred)[None])[0, 0].numpy()
     norm = lambda v: v / max(np.percentile(v, 99.5), 1e-6)  # noqa: E731
+    anatomy = norm(vols["target"].data)
     # the region QC is about: the target mask, else the target's head (not the empty background)
-    region = vols["target_mask"].data > 0 if "target_mask" in vols else norm(target) > 0.1
+    region = vols["target_mask"].data > 0 if "target_mask" in vols else anatomy > 0.1
     region &= np.isfinite(std)
     shown = np.where(region, std, np.nan)
     smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
     vmax = float(np.nanpercentile(shown, 99)) if region.any() else 1.0
     fig, axes = plt.subplots(3, 3, figsize=(10, 9.5))
-    rows = [("target", norm(target), "gray", (0, 1)),
-            ("warped source | target", _checkerboard(norm(warped), norm(target)), "gray", (0, 1)),
+    anatomy_views = _views(anatomy, centre)
+    rows = [("target", anatomy, "gray", (0, 1)),
+            ("warped source | target", _checkerboard(norm(warped), anatomy), "gray", (0, 1)),
             ("std_mm", shown, "magma", (0, vmax))]
     for r, (title, vol, cmap, (lo, hi)) in enumerate(rows):
         for c, (plane, img, (left, right)) in enumerate(_views(vol, centre)):
             ax = axes[r, c]
             if cmap == "magma":  # uncertainty over a dimmed anatomy, transparent outside the region
-                ax.imshow(_views(norm(target), centre)[c][1], origin="lower", cmap="gray", vmin=0, vmax=2.5)
+                ax.imshow(anatomy_views[c][1], origin="lower", cmap="gray", vmin=0, vmax=2.5)
             im = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
