@@ -74,7 +74,13 @@ def _check_volume(role: str, path: Path, vol: Volume, max_voxels: int | None) ->
         raise VolumeError(f"{role} {path}: the image is constant ({float(vol.data.min())}); nothing to register")
 
 
-def _load_ground_truth(path: Path, target: Volume) -> np.ndarray:
+def _load_ground_truth(path: Path, target: Volume, source: Volume) -> np.ndarray:
+    """The true map target -> source, ``(3, X, Y, Z)`` on the RAS+ target grid, in RAS+ *source* voxels.
+
+    The file holds, on the target file's own grid, the source file's own voxel indices (3 components per
+    voxel): both the voxel positions and the stored indices are brought to the RAS+ arrays (for a RAS+
+    source the indices are unchanged).
+    """
     img = nib.load(str(path))
     if img.shape[:3] != target.original_shape or not np.allclose(img.affine, target.original_affine, atol=1e-3):
         raise VolumeError(f"ground_truth {path}: not on the target's grid (shape {img.shape[:3]} vs "
@@ -83,7 +89,9 @@ def _load_ground_truth(path: Path, target: Volume) -> np.ndarray:
     data = data.reshape(*data.shape[:3], -1)
     if data.shape[3] != 3 or not np.isfinite(data).all():
         raise VolumeError(f"ground_truth {path}: expected a finite map with 3 components per voxel")
-    return np.moveaxis(data, 3, 0)
+    to_ras = np.linalg.inv(source.affine) @ source.original_affine  # file source voxel -> RAS+ source voxel
+    data = data @ to_ras[:3, :3].T.astype(np.float32) + to_ras[:3, 3].astype(np.float32)
+    return np.ascontiguousarray(np.moveaxis(data, 3, 0))
 
 
 MIN_FOV_OVERLAP = 0.05
@@ -129,7 +137,8 @@ def load_pair(spec: PairSpec, max_voxels: int | None = None) -> dict[str, tuple[
                           f"{100 * overlap:.1f} % of the target's (world coordinates); check that the pair is right "
                           "and that both headers hold the scanner geometry")
     if spec.path("ground_truth") is not None:
-        out["ground_truth"] = (_load_ground_truth(spec.path("ground_truth"), volumes["target"]), volumes["target"])
+        truth = _load_ground_truth(spec.path("ground_truth"), volumes["target"], volumes["source"])
+        out["ground_truth"] = (truth, volumes["target"])
     return out
 
 

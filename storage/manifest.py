@@ -4,8 +4,9 @@ A CSV (``.csv``) or TSV (``.tsv``/``.txt``) file with a header row. Columns:
 
 * required: ``subject_id``, ``source``, ``target`` (NIfTI paths);
 * optional: ``pair_id``, ``source_mask``, ``target_mask``, ``source_labels``, ``target_labels``,
-  ``ground_truth`` (a NIfTI of the true map ``phi_AB`` on the target grid, 3 components last, in source
-  voxel units of the RAS+-reoriented source: used by synthetic validation and the demo).
+  ``ground_truth`` (a NIfTI of the true map ``phi_AB`` on the target grid, 3 components last: for each
+  target-file voxel, the source file's own voxel index it maps to; ingest brings both to the RAS+ arrays.
+  Used by synthetic validation and the demo).
 
 Relative paths resolve against the manifest's folder. A missing ``pair_id`` is derived from the subject
 and file names (stable across runs and machines). Problems with the manifest itself stop everything with

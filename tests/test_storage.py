@@ -147,6 +147,30 @@ def test_map_export_is_a_world_displacement(tmp_path):
     np.testing.assert_allclose(disp[..., 1:], 0.0, atol=1e-5)
 
 
+def test_ground_truth_indices_follow_a_non_ras_source_into_the_ras_arrays(tmp_path):
+    """A true map given in the files' own voxels (target LPS oblique, source PIL) ingests in RAS+ voxels."""
+    tgt_affine = lps_oblique_affine()
+    src_affine = np.array([[0, 0, -1.5, 65.0], [-1.0, 0, 0, 42.0], [0, -2.0, 0, 2.0], [0, 0, 0, 1]])
+    src_shape = (10, 12, 14)
+    write_nii(tmp_path / "tgt.nii.gz", RNG.normal(size=SHAPE).astype(np.float32), tgt_affine)
+    write_nii(tmp_path / "src.nii.gz", RNG.normal(size=src_shape).astype(np.float32), src_affine)
+    # the world-identity map: target file voxel y -> source file voxel A_src^-1 A_tgt y (3 components last)
+    y = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).astype(np.float64)
+    to_src = np.linalg.inv(src_affine) @ tgt_affine
+    write_nii(tmp_path / "truth.nii.gz", (y @ to_src[:3, :3].T + to_src[:3, 3]).astype(np.float32), tgt_affine)
+    m = make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz", "truth.nii.gz"]],
+                      header="subject_id,source,target,ground_truth")
+    spec = read_manifest(m)[0]
+    assert ingest_pair(spec, tmp_path / "cohort.zarr").status == "ingested"
+    stored = read_pair(tmp_path / "cohort.zarr", spec.pair_id)
+    src_ras, tgt_ras = stored["source"].affine, stored["target"].affine
+    assert not np.allclose(src_ras, src_affine)  # the source really was reoriented
+    y_ras = np.stack(np.meshgrid(*[np.arange(n) for n in stored["target"].data.shape], indexing="ij"))
+    expected = np.einsum("ij,j...->i...", (np.linalg.inv(src_ras) @ tgt_ras)[:3, :3], y_ras) + (
+        np.linalg.inv(src_ras) @ tgt_ras)[:3, 3, None, None, None]
+    np.testing.assert_allclose(stored["ground_truth"].data, expected, atol=1e-4)
+
+
 def test_reingest_is_skipped_when_unchanged_and_replaces_a_changed_pair(tmp_path):
     cohort_files(tmp_path)
     spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
