@@ -47,15 +47,10 @@ class DemoCohort:
 def _templates(atlas: str = "mni"):
     """(T1, affine, brain mask, tissue/structure labels) of the demo's atlas: ``mni`` or ``multipropreg``."""
     if atlas == "multipropreg":
-        import nibabel as nib
+        from pipeline.backends.multipropreg import load_atlas
 
-        from pipeline.backends.multipropreg import atlas_paths
-
-        vol_path, seg_path = atlas_paths()
-        vol = nib.load(str(vol_path))
-        t1 = np.asarray(vol.dataobj, dtype=np.float32)
-        seg = np.asarray(nib.load(str(seg_path)).dataobj).astype(np.int16)
-        return t1, np.asarray(vol.affine, np.float64), t1 > 0.05, seg
+        t1, seg, affine = load_atlas()  # its true LIA affine, not the files' identity header
+        return t1, affine, t1 > 0.05, seg
     from nilearn.datasets import (
         load_mni152_brain_mask,
         load_mni152_gm_template,

@@ -10,11 +10,18 @@ Conventions: the network takes source and target at 160 x 192 x 224 voxels of 1 
 intensities in [0, 1]) and returns ``(warped, flow, ...)`` with ``flow`` a voxel displacement, channel i =
 array axis i, ``warped = src o (id + flow)``: ``displacement/voxel/ij``.
 
+Orientation: the network was trained in the array layout of the package's atlas, FreeSurfer's conformed
+**LIA** layout (array axis 0 runs to the subject's left, axis 1 to inferior, axis 2 to anterior), although
+the atlas files' headers hold the identity (which would mean RAS). :func:`atlas_affine` is the atlas's
+true voxel-to-world matrix; ``tests/test_multipropreg.py::test_atlas_layout_is_lia`` shows it against the
+MNI152 template (real RAS+ anatomy).
+
 Any input grid: both images are resampled (trilinear) in *physical space* onto one axis-aligned 1 mm
-RAS+ grid of the network's shape, centred on the target's field of view; intensities are scaled to [0, 1]
-by each image's min and max. The predicted map is brought back to DESIGN's convention on the original
-target grid: ``phi(y) = A_src^-1 N phi_net(N^-1 A_tgt y)`` with ``N`` the network grid's affine. Inputs
-should be skull-stripped brain MRI like the package's atlas. The package's import-time and forward-time
+LIA grid of the network's shape, centred on the target's field of view (for an input already on such a
+grid, as the atlas, this is an exact copy); intensities are scaled to [0, 1] by each image's min and max.
+The predicted map is brought back to DESIGN's convention on the original target grid:
+``phi(y) = A_src^-1 N phi_net(N^-1 A_tgt y)`` with ``N`` the network grid's affine. Inputs should be
+skull-stripped brain MRI like the package's atlas. The package's import-time and forward-time
 UserWarnings are silenced locally (never globally).
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,6 +38,8 @@ from pipeline import transforms as T
 
 Tensor = torch.Tensor
 NET_SHAPE = (160, 192, 224)
+# world (RAS, mm) direction of each network array axis, as columns: axis 0 -> left, 1 -> inferior, 2 -> anterior
+NET_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, -1.0, 0.0))
 
 
 def package_dir() -> Path:
@@ -53,6 +63,28 @@ def atlas_paths() -> tuple[Path, Path]:
     return d / "atlas_vol.nii", d / "atlas_seg_14labels.nii"
 
 
+def atlas_affine() -> np.ndarray:
+    """The true voxel-to-world matrix (mm) of the package's atlas files: 1 mm LIA, grid centre at the origin.
+
+    The files' own headers hold the identity, which is wrong: use this affine whenever the atlas is used as
+    an image (the demo and tests do).
+    """
+    a = np.eye(4)
+    a[:3, :3] = NET_DIRECTIONS
+    a[:3, 3] = -a[:3, :3] @ ((np.array(NET_SHAPE) - 1) / 2)
+    return a
+
+
+def load_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(T1 float32 in [0, 1], 14-label segmentation int16, affine)`` of the package's adult atlas (LIA)."""
+    import nibabel as nib
+
+    vol_path, seg_path = atlas_paths()
+    t1 = np.asarray(nib.load(str(vol_path)).dataobj, dtype=np.float32)
+    seg = np.asarray(nib.load(str(seg_path)).dataobj).astype(np.int16)
+    return t1, seg, atlas_affine()
+
+
 def build_network() -> nn.Module:
     package_dir()
     with warnings.catch_warnings():
@@ -64,10 +96,12 @@ def build_network() -> nn.Module:
 
 
 def net_grid_affine(target_shape, target_affine: Tensor) -> Tensor:
-    """1 mm axis-aligned RAS+ grid of the network's shape, centred on the target's field of view."""
+    """1 mm LIA grid of the network's shape (voxel -> world, mm), centred on the target's field of view."""
     centre = T.grid_centre_mm(target_shape, target_affine.double())
     n = torch.eye(4, dtype=torch.float64, device=target_affine.device)
-    n[:3, 3] = centre - torch.tensor([(s - 1) / 2 for s in NET_SHAPE], dtype=torch.float64, device=centre.device)
+    n[:3, :3] = torch.tensor(NET_DIRECTIONS, dtype=torch.float64)
+    half = torch.tensor([(s - 1) / 2 for s in NET_SHAPE], dtype=torch.float64, device=n.device)
+    n[:3, 3] = centre - n[:3, :3] @ half
     return n
 
 
