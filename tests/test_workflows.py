@@ -16,7 +16,7 @@ from storage import results as R
 from workflows import cluster as C
 from workflows.cli import main
 from workflows.cluster import ClusterHandle, cluster_kwargs, make_cluster
-from workflows.config import ConfigError, RunConfig, make_config
+from workflows.config import MODEL_DEFAULTS, ConfigError, RunConfig, make_config
 from workflows.demo import build_demo_cohort, demo_summary
 from workflows.run import OutputLock, RunLocked, rebuild_report, run_cohort
 
@@ -37,6 +37,18 @@ def test_config_file_and_flags(tmp_path):
         RunConfig(method="bayes")
     with pytest.raises(ConfigError, match="samples"):
         RunConfig(samples=0)
+
+
+def test_model_defaults_sit_under_the_config_file_and_flags(tmp_path):
+    recommended = MODEL_DEFAULTS["multipropreg"]["perturbation"]
+    assert recommended != RunConfig().perturbation
+    assert make_config(model="multipropreg").perturbation == recommended
+    assert make_config(model="default").perturbation == RunConfig().perturbation
+    assert make_config(model="multipropreg", perturbation="affine").perturbation == "affine"
+    (tmp_path / "c.yaml").write_text("model: multipropreg\nperturbation: rigid\n")
+    assert make_config(tmp_path / "c.yaml").perturbation == "rigid"
+    (tmp_path / "m.yaml").write_text("model: multipropreg\n")
+    assert make_config(tmp_path / "m.yaml").perturbation == recommended
 
 
 def test_cluster_arguments_bind_to_localhost():

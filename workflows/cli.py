@@ -23,7 +23,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                                    "python:package.module:factory | an equiqc.backends entry point")
     p.add_argument("--weights", help="local weights file for the model (nothing is downloaded)")
     p.add_argument("--method", choices=METHODS)
-    p.add_argument("--perturbation", choices=KINDS)
+    p.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
     p.add_argument("--samples", type=int, help="K perturbations (or MC-dropout samples) per pair (default 16)")
     p.add_argument("--batch-size", type=int, help="samples per model call (default 4)")
     p.add_argument("--seed", type=int, help="run seed; each pair's generator is seeded by (seed, pair id)")
@@ -127,10 +127,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from pipeline.estimator import EstimatorConfig, estimate_uncertainty
     from pipeline.perturbations import PerturbationConfig
     from storage.nifti import load_volume, save_volume
+    from workflows.config import make_config
 
+    kind = args.perturbation or make_config(model=args.model).perturbation  # the model's default, else rigid
     source, target = load_volume(args.source), load_volume(args.target)
     config = EstimatorConfig(samples=args.samples, batch_size=args.batch_size,
-                             perturbation=PerturbationConfig(kind=args.perturbation))
+                             perturbation=PerturbationConfig(kind=kind))
     result = estimate_uncertainty(load_backend(args.model, weights=args.weights), source.data, target.data,
                                   source.affine, target.affine, config, seed=args.seed)
     print(f"mean std_mm: {np.nanmean(result.std_mm):.4f} mm over {int((result.n_valid >= 2).sum())} voxels")
@@ -180,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--weights")
     est.add_argument("--samples", type=int, default=8, help="K perturbations (default 8)")
     est.add_argument("--batch-size", type=int, default=4, help="perturbations per model call (default 4)")
-    est.add_argument("--perturbation", choices=KINDS, default="rigid")
+    est.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--out", help="write the std_mm map to this NIfTI file")
     est.set_defaults(func=_cmd_estimate)
