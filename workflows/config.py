@@ -18,10 +18,10 @@ from pipeline.perturbations import PerturbationConfig
 
 METHODS = ("equivariance", "mc-dropout")
 # Defaults that depend on the model, applied before the config file and flags (which override them).
-# MultiPropReg recovers only part of a rigid motion (it was trained on affinely pre-aligned brains), so rigid or
-# translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
-# everywhere in the demo) and their test-time mean is worse than the prediction; it does undo smooth local perturbations
-# (test-time mean = prediction), the family its equivariance covers (docs/validation.md, side by side).
+# MultiPropReg recovers only part of a rigid motion (it was trained on affinely pre-aligned brains), so rigid
+# or translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
+# everywhere in the demo) and their test-time mean is worse than the prediction; it does undo smooth local
+# perturbations (test-time mean = prediction), the family its equivariance covers (docs/validation.md).
 MODEL_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorphic"}}
 CLUSTERS = ("local", "cuda", "slurm", "pbs")
 
