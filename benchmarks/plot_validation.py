@@ -1,5 +1,5 @@
 """Plots for docs/validation.md from benchmarks/validation.py's results.json (one file, or several runs
-whose tables are joined; the plots go next to the first).
+whose tables are joined; the plots go into their common folder).
 
     python benchmarks/plot_validation.py docs/validation/results.json
     python benchmarks/plot_validation.py docs/validation/side_by_side/*/results.json
@@ -8,6 +8,7 @@ whose tables are joined; the plots go next to the first).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def main(paths: list[str]) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     res = {"table": [line for run in runs for line in run["table"]],
            "k_sweep": next((run["k_sweep"] for run in runs if run.get("k_sweep")), None)}
-    out = Path(paths[0]).parent
+    out = Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
     print(markdown_table(res["table"]))
     table = res["table"]
     models = list(dict.fromkeys(r.get("model", "default") for r in table))
