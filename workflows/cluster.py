@@ -41,15 +41,14 @@ class ClusterHandle:
 def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
     """The class to build and its keyword arguments (separate so tests can assert them without hardware)."""
     opts = dict(config.cluster_options)
-    if config.cluster == "local":
-        workers = config.workers or max(1, os.cpu_count() or 1)
-        return "local", {"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                         "host": opts.pop("host", "127.0.0.1"),
-                         "dashboard_address": opts.pop("dashboard_address", config.dashboard_address), **opts}
-    if config.cluster == "cuda":
+    if config.cluster in ("local", "cuda"):  # one machine: bound to localhost, one thread per worker
         kwargs = {"host": opts.pop("host", "127.0.0.1"),
                   "dashboard_address": opts.pop("dashboard_address", config.dashboard_address),
-                  "threads_per_worker": 1, "resources": {"GPU": 1}, **opts}
+                  "threads_per_worker": 1}
+        if config.cluster == "local":
+            workers = config.workers or max(1, os.cpu_count() or 1)
+            return "local", {**kwargs, "n_workers": workers, "processes": True, **opts}
+        kwargs = {**kwargs, "resources": {"GPU": 1}, **opts}
         if config.workers:
             kwargs.setdefault("n_workers", config.workers)
         return "cuda", kwargs
