@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import transforms as T
+from pipeline.backends.module import enable_mc_dropout
 
 Tensor = torch.Tensor
 NET_SHAPE = (160, 192, 224)
@@ -149,7 +150,8 @@ class MultiPropRegBackend:
 
 
 def load_multipropreg(weights=None, device="cpu", mc_dropout=False, **options) -> MultiPropRegBackend:
-    if mc_dropout:
-        raise ValueError("multipropreg has no dropout layers, so MC-dropout cannot be run on it; "
-                         "use --method equivariance")
-    return MultiPropRegBackend(weights, device)
+    backend = MultiPropRegBackend(weights, device)
+    if mc_dropout:  # the shared check: this network has no dropout layer, so it raises with the reason
+        enable_mc_dropout(backend.net, backend.name)
+        backend.stochastic = True
+    return backend
