@@ -16,10 +16,10 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from workflows.cluster import ClusterHandle
-from workflows.config import RunConfig
-from workflows.demo import build_demo_cohort
-from workflows.run import run_cohort
+from equiqc.workflows.cluster import ClusterHandle
+from equiqc.workflows.config import RunConfig
+from equiqc.workflows.demo import build_demo_cohort
+from equiqc.workflows.run import run_cohort
 
 
 def _peak_rss_bytes() -> int:

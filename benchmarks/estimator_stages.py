@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from pipeline import transforms as T
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from pipeline.perturbations import PerturbationConfig
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
+from equiqc.pipeline.perturbations import PerturbationConfig
 
 
 class NullModel:

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from pipeline import transforms as T
-from pipeline.backends.registry import load_backend
-from pipeline.scores import map_error_mm
-from workflows.demo import _subject_map, _templates
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.scores import map_error_mm
+from equiqc.workflows.demo import _subject_map, _templates
 
 
 def dice(a: np.ndarray, b: np.ndarray, labels) -> float:

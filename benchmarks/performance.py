@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from distributed import Client, LocalCluster
 
-from pipeline import transforms as T
-from pipeline.backends.registry import load_backend
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
-from pipeline.perturbations import PerturbationConfig, pair_seed, sample_perturbations
-from pipeline.scores import pair_summary
-from storage import results as R
-from storage.cohort import ingest_pair, read_pair
-from storage.manifest import read_manifest
-from workflows.cluster import ClusterHandle
-from workflows.config import RunConfig
-from workflows.demo import build_demo_cohort
-from workflows.run import run_cohort
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
+from equiqc.pipeline.perturbations import PerturbationConfig, pair_seed, sample_perturbations
+from equiqc.pipeline.scores import pair_summary
+from equiqc.storage import results as R
+from equiqc.storage.cohort import ingest_pair, read_pair
+from equiqc.storage.manifest import read_manifest
+from equiqc.workflows.cluster import ClusterHandle
+from equiqc.workflows.config import RunConfig
+from equiqc.workflows.demo import build_demo_cohort
+from equiqc.workflows.run import run_cohort
 
 
 def in_process(specs, store: Path, results: Path, cfg: EstimatorConfig, model) -> dict:
@@ -99,12 +99,11 @@ def naive(specs, cfg: EstimatorConfig, out: Path) -> tuple[float, dict]:
 
 
 MEMORY_PROBE = """
-import json, resource, sys, numpy as np, torch
-sys.path.insert(0, {root!r})
-from pipeline.backends.registry import load_backend
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from pipeline.perturbations import PerturbationConfig
-from storage.cohort import read_pair
+import json, resource, numpy as np, torch
+from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
+from equiqc.pipeline.perturbations import PerturbationConfig
+from equiqc.storage.cohort import read_pair
 torch.set_num_threads(1)
 v = read_pair({store!r}, {pair!r})
 model = load_backend("default")
@@ -176,9 +175,8 @@ def _rest(args, parts, res, cohort, specs, store, cfg, model, work) -> None:
     print(json.dumps({"naive": res["naive"]}), flush=True)
 
     mem = {}
-    root = str(Path(__file__).resolve().parents[1])
     for k in (8, 32):
-        o = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=root, store=str(store),
+        o = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(store=str(store),
                             pair=specs[0].pair_id, k=k, b=args.batch_size)], capture_output=True, text=True,
                            check=True, env={"MALLOC_MMAP_THRESHOLD_": "65536", "PATH": "/usr/bin:/bin"})
         base, peak = json.loads(o.stdout.strip().splitlines()[-1])

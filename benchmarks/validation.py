@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import transforms as T
-from pipeline.backends.registry import load_backend
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
-from pipeline.perturbations import KINDS, PerturbationConfig
-from pipeline.scores import auroc, cohort_scores, map_error_mm, pair_summary, spearman
-from workflows.demo import _intensity, _subject_map, _templates
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
+from equiqc.pipeline.perturbations import KINDS, PerturbationConfig
+from equiqc.pipeline.scores import auroc, cohort_scores, map_error_mm, pair_summary, spearman
+from equiqc.workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
             "both": {"vel_mm": 2.0}}

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline import moments as M
-from pipeline import transforms as T
-from pipeline.backends.base import RegistrationBackend, check_prediction
-from pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
+from equiqc.pipeline import moments as M
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.base import RegistrationBackend, check_prediction
+from equiqc.pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
 
 Tensor = torch.Tensor
 

@@ -27,48 +27,17 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.perturbation_config import ALL_KINDS, KINDS, PerturbationConfig
+
+__all__ = ["ALL_KINDS", "KINDS", "PerturbationConfig", "Perturbations", "pair_seed", "sample_perturbations"]
 
 Tensor = torch.Tensor
-
-KINDS = ("translation", "rigid", "affine", "diffeomorphic")
-# "none": K identity perturbations, for MC-dropout (the spread then comes from the model's own randomness).
-ALL_KINDS = KINDS + ("none",)
-
-
-@dataclass(frozen=True)
-class PerturbationConfig:
-    """Perturbation family and its magnitudes (physical units)."""
-
-    kind: str = "rigid"
-    max_translation_mm: float = 4.0
-    max_rotation_deg: float = 4.0
-    max_log_scale: float = 0.04
-    max_shear: float = 0.04
-    velocity_std_mm: float = 1.5
-    control_spacing_mm: float = 24.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ALL_KINDS:
-            raise ValueError(f"unknown perturbation kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        for name, value in asdict(self).items():
-            if name != "kind" and (not math.isfinite(value) or value < 0):
-                raise ValueError(f"perturbation option {name} must be a finite number >= 0, got {value}")
-        if self.control_spacing_mm <= 0:
-            raise ValueError("perturbation option control_spacing_mm must be > 0")
-
-    @property
-    def is_affine(self) -> bool:
-        return self.kind != "diffeomorphic"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def pair_seed(run_seed: int, pair_id: str) -> int:
     """Stable 63-bit seed from (run seed, pair id), independent of Python's hash randomisation."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.estimator import UncertaintyResult
+from equiqc.pipeline.estimator import UncertaintyResult
 
 RISK_METRICS = ("uncertainty_mean_mm", "uncertainty_p95_mm", "frac_above_2mm")
 

@@ -1,6 +1,6 @@
 """NIfTI -> chunked Zarr ingest of a cohort: ``cohort.zarr/pairs/<pair_id>/{source,target,...}``.
 
-Each volume is reoriented to closest-canonical RAS+ (:mod:`storage.nifti`) and stored as a Zarr v3 array
+Each volume is reoriented to closest-canonical RAS+ (:mod:`equiqc.storage.nifti`) and stored as a Zarr v3 array
 with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``original_shape``,
 ``orientation`` (the file's axis codes), ``spacing_mm``, ``source_dtype``, ``sha256`` (of the file's
 bytes) and ``path``. Images are stored as float32, masks as uint8, labels as int32, ground-truth maps as
@@ -12,7 +12,7 @@ report) touches few of them. Arrays use Zarr's default compression (zstd).
 
 Ingest is idempotent: the pair group records the hashes of its input files, and re-ingesting unchanged
 files is skipped. A changed file replaces the whole pair (and its new ``input_hash`` makes any stored
-result for the old inputs stale, see :mod:`storage.results`). A pair that fails validation is recorded
+result for the old inputs stale, see :mod:`equiqc.storage.results`). A pair that fails validation is recorded
 with ``status="failed"`` and its ``error``; other pairs are unaffected.
 """
 
@@ -26,8 +26,8 @@ import nibabel as nib
 import numpy as np
 import zarr
 
-from storage.manifest import PairSpec
-from storage.nifti import Volume, VolumeError, load_volume
+from equiqc.storage.manifest import PairSpec
+from equiqc.storage.nifti import Volume, VolumeError, load_volume
 
 CHUNK = 64
 ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
@@ -142,15 +142,20 @@ def load_pair(spec: PairSpec, max_voxels: int | None = None) -> dict[str, tuple[
     return out
 
 
+def input_hashes(spec: PairSpec) -> tuple[dict[str, str], str]:
+    """sha256 of each input file of ``spec`` and the pair's ``input_hash`` over all of them (raises OSError)."""
+    hashes = {role: file_sha256(p) for role, p in spec.roles.items()}
+    return hashes, hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()
+
+
 def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
     """Ingest one pair into ``store`` (idempotent); never raises for a bad input file."""
     pairs = open_cohort(store)["pairs"]
     try:
-        hashes = {role: file_sha256(p) for role, p in spec.roles.items()}
+        hashes, input_hash = input_hashes(spec)
     except OSError as exc:
         missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
         return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None)
-    input_hash = hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()
     if spec.pair_id in pairs:
         attrs = dict(pairs[spec.pair_id].attrs)
         if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):

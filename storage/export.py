@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from storage.cohort import read_pair
-from storage.nifti import save_volume
-from storage.results import read_array
+from equiqc.storage.cohort import read_pair
+from equiqc.storage.nifti import save_volume
+from equiqc.storage.results import read_array
 
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 MAPS = ("mean_map", "prediction_map")

@@ -20,13 +20,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from equiqc.errors import UserError
+
 REQUIRED = ("subject_id", "source", "target")
 OPTIONAL = ("pair_id", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth")
 PATH_COLUMNS = ("source", "target", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest cannot be used; the message names the file, row and column and what to do."""
 
 

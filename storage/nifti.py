@@ -13,8 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from equiqc.errors import UserError
 
-class VolumeError(ValueError):
+
+class VolumeError(UserError, ValueError):
     """A volume that cannot be used, with a message naming the file and what to do."""
 
 

@@ -25,17 +25,24 @@ true_error_mean_mm          float64   mean error of the unperturbed prediction v
 tta_error_mean_mm           float64   same for the mean composed map (else null)
 ==========================  ========  =================================================================
 
-Extra columns (e.g. per-structure ``uncertainty_mean_mm_<label>``) are kept after these. Files are written
+Extra columns (e.g. per-structure ``uncertainty_mean_mm_<label>``) are kept after these. Both files carry
+the run's provenance and configuration in their key-value metadata (``equiqc.provenance``,
+``equiqc.config``; JSON). Files are written
 to a temporary name in the same folder and renamed, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_PREFIX = "equiqc."
 
 SCHEMA: dict[str, str] = {
     "subject_id": "string", "pair_id": "string", "status": "string", "error": "string",
@@ -69,14 +76,20 @@ def subject_table(frame: pd.DataFrame) -> pd.DataFrame:
     return worst.set_index("subject_id").join(counts).reset_index()
 
 
-def write_parquet_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``frame`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``frame`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    ``metadata`` (JSON-serialisable) goes into the file's key-value metadata, one key ``equiqc.<name>`` per
+    entry, beside pandas' own; :func:`read_metadata` reads it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        frame.to_parquet(tmp, engine="pyarrow", index=False)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        extra = {f"{META_PREFIX}{k}".encode(): json.dumps(v, default=str).encode() for k, v in (metadata or {}).items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+        pq.write_table(table, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -84,9 +97,17 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def write_report(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.parquet`` and ``subjects.parquet`` in ``out_dir``; returns both paths."""
+def read_metadata(path: str | Path) -> dict:
+    """The ``equiqc.*`` key-value metadata of a Parquet file written here, keys without the prefix."""
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in meta.items()
+            if k.decode().startswith(META_PREFIX)}
+
+
+def write_report(rows: list[dict], out_dir: str | Path, metadata: dict | None = None) -> tuple[Path, Path]:
+    """Write ``report.parquet`` and ``subjects.parquet`` in ``out_dir`` (both carrying ``metadata``, e.g. the
+    run's provenance, see :func:`read_metadata`); returns both paths."""
     frame = build_frame(rows)
     out_dir = Path(out_dir)
-    return (write_parquet_atomic(frame, out_dir / "report.parquet"),
-            write_parquet_atomic(subject_table(frame), out_dir / "subjects.parquet"))
+    return (write_parquet_atomic(frame, out_dir / "report.parquet", metadata),
+            write_parquet_atomic(subject_table(frame), out_dir / "subjects.parquet", metadata))

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.estimator import UncertaintyResult
+from equiqc.errors import UserError
+from equiqc.pipeline.estimator import UncertaintyResult
 
 MARKER = "equiqc_complete"
 AXES = ("x", "y", "z")
@@ -40,6 +41,16 @@ ARRAYS = {  # name -> (leading dim or None, units)
 }
 
 
+# Result-key entries that change underneath an unchanged configuration (the model file was replaced, equiqc's
+# numerics changed with an upgrade): a stored result that differs only in these is stale and is recomputed,
+# never refused and never kept. Any other difference is another configuration (refused unless overwriting).
+RECOMPUTE_KEYS = frozenset({"weights_sha256", "numerics_version"})
+
+
+def differing_keys(old: dict, new: dict) -> set[str]:
+    return {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+
+
 class ResultConfigMismatch(RuntimeError):
     """Stored results were computed with another configuration."""
 
@@ -50,7 +61,8 @@ def open_results(root: str | Path) -> zarr.Group:
 
 def status(root: str | Path, pair_id: str, config: dict | None = None, input_hash: str | None = None) -> str:
     """``complete``, ``missing``, ``incomplete`` (arrays without marker), ``stale`` (computed from other input
-    files: recompute) or ``mismatch`` (another configuration: refuse unless overwriting)."""
+    files, other weights or older numerics: recompute) or ``mismatch`` (another configuration: refuse unless
+    overwriting)."""
     try:
         group = zarr.open_group(str(root), mode="r")[pair_id]
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -61,8 +73,32 @@ def status(root: str | Path, pair_id: str, config: dict | None = None, input_has
     if input_hash is not None and marker.get("input_hash") != input_hash:
         return "stale"
     if config is not None and marker.get("config") != config:
-        return "mismatch"
+        return "stale" if differing_keys(marker.get("config") or {}, config) <= RECOMPUTE_KEYS else "mismatch"
     return "complete"
+
+
+FAILURE = "equiqc_failed"
+
+
+def write_failure(root: str | Path, pair_id: str, config: dict, input_hash: str | None, error: str,
+                  traceback: str | None = None) -> None:
+    """Record that estimating ``pair_id`` failed (error and traceback), so a later ``equiqc report`` (of this run
+    or of all shards) reports the reason; the next run computes the pair again. Leaves any arrays alone."""
+    group = open_results(root).require_group(pair_id)
+    if MARKER in group.attrs:
+        del group.attrs[MARKER]
+    group.attrs[FAILURE] = {"config": config, "input_hash": input_hash, "error": error, "traceback": traceback}
+
+
+def read_failure(root: str | Path, pair_id: str, config: dict, input_hash: str | None) -> dict | None:
+    """The failure record of ``pair_id`` for this configuration and these inputs, else None."""
+    try:
+        record = dict(zarr.open_group(str(root), mode="r")[pair_id].attrs).get(FAILURE)
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    if record and record.get("config") == config and record.get("input_hash") == input_hash:
+        return record
+    return None
 
 
 def read_marker(root: str | Path, pair_id: str) -> dict | None:
@@ -122,9 +158,40 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in keys[:3]) or "unknown"
 
 
+def open_pair(root: str | Path, pair_id: str):
+    """One pair's results as an ``xarray.Dataset`` (lazy, dask-backed; dims ``x y z`` with world-mm coordinates,
+    plus ``component`` / ``axis`` for the covariance and the maps)."""
+    import xarray as xr
+
+    read_array(root, pair_id, "std_mm")  # a clear ResultNotFound for a wrong pair id or store
+    return xr.open_zarr(str(root), group=pair_id, consolidated=False)
+
+
+class ResultNotFound(UserError, LookupError):
+    """A pair or array asked for by name is not in the result store; the message lists what is."""
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
 def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, dict]:
-    """One result array and its attributes, plus the group's ``affine`` under ``attrs['affine']``."""
-    group = zarr.open_group(str(root), mode="r")[pair_id]
+    """One result array and its attributes, plus the group's ``affine`` under ``attrs['affine']``.
+
+    Raises :class:`ResultNotFound` naming the pairs (or arrays) that do exist when ``pair_id`` (or ``name``)
+    is not there."""
+    try:
+        root_group = zarr.open_group(str(root), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
+    pairs = [k for k, _ in root_group.groups()]
+    if pair_id not in pairs:
+        raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}")
+    group = root_group[pair_id]
+    arrays = [k for k, _ in group.arrays() if k not in AXES]
+    if name not in arrays:
+        raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}")
     arr = group[name]
     return arr[...], {**dict(arr.attrs), "affine": group.attrs["affine"]}
 

@@ -1,24 +1,11 @@
-"""Shared fixtures: real anatomy from the MNI152 template shipped inside nilearn's wheel (offline)."""
+"""Shared fixtures. Test modules import helpers as top-level modules (``anatomy``, ``doubles``): pytest puts
+``tests/`` on ``sys.path`` (rootdir-relative "prepend" import mode; ``tests/`` is deliberately not a package,
+because the repository root is the ``equiqc`` package itself, see pyproject.toml)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-
-from pipeline.scores import map_error_mm
-from workflows.demo import rigidly_moved
-
-
-def moved_template(resolution: int, degrees=(3.0, -2.0, 4.0), shift_mm=(4.0, -3.0, 2.0)):
-    """(source, target, affine, true map, brain mask): target = template moved rigidly about its centre."""
-    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
-
-    tpl = load_mni152_template(resolution=resolution)
-    data = np.asarray(tpl.dataobj, dtype=np.float32)
-    affine = np.asarray(tpl.affine, dtype=np.float64)
-    target, truth = rigidly_moved(data, affine, degrees, shift_mm)
-    brain = np.asarray(load_mni152_brain_mask(resolution=resolution).dataobj) > 0
-    return data, target, affine, truth, brain
+from anatomy import moved_template
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +16,3 @@ def mni_pair_2mm():
 @pytest.fixture(scope="session")
 def mni_pair_4mm():
     return moved_template(4)
-
-
-def error_mm(phi: np.ndarray, truth: np.ndarray, affine: np.ndarray, region: np.ndarray) -> float:
-    """Mean distance (mm) between two maps in source voxels, over a region of the target grid."""
-    return float(map_error_mm(phi, truth, affine)[region].mean())

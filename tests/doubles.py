@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline import transforms as T
+from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 # The device the test doubles (and so the estimator) run on: EQUIQC_TEST_DEVICE=cuda runs the same tests on a GPU.
@@ -116,3 +116,12 @@ class NoisySolver(ExactSolver):
                                                                                        device=source.device)
             phi = phi + self.alpha * t.view(-1, d, *([1] * d))
         return phi.float()
+
+
+class ZeroDisplacement(torch.nn.Module):
+    """A near-free network: zero displacement (the identity map) on whatever grid it is given. As
+    ``--model python:doubles:ZeroDisplacement`` (with ``tests/`` on PYTHONPATH) it makes a cohort run measure the
+    pipeline's own cost."""
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        return torch.zeros(source.shape[0], source.dim() - 2, *target.shape[2:], dtype=source.dtype)

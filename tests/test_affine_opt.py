@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from pipeline import transforms as T
-from pipeline.backends.affine_opt import AffineOptimisation
-from pipeline.perturbations import rotation_matrices
-from workflows.cli import main
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.affine_opt import AffineOptimisation
+from equiqc.pipeline.perturbations import rotation_matrices
+from equiqc.workflows.cli import main
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SHAPE = (28, 30, 26)

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from anatomy import error_mm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import transforms as T
-from pipeline.backends.conventions import OutputConvention
-from pipeline.backends.default_net import NET_SHAPE
-from pipeline.backends.grids import index_matrix
-from pipeline.backends.module import ModuleBackend, enable_mc_dropout
-from pipeline.backends.registry import available, load_backend, register_backend
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
-from pipeline.perturbations import PerturbationConfig
-from tests.conftest import error_mm
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.conventions import OutputConvention
+from equiqc.pipeline.backends.default_net import NET_SHAPE
+from equiqc.pipeline.backends.grids import index_matrix
+from equiqc.pipeline.backends.module import ModuleBackend, enable_mc_dropout
+from equiqc.pipeline.backends.registry import available, load_backend, register_backend
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
+from equiqc.pipeline.perturbations import PerturbationConfig
 
 CONVENTIONS = [OutputConvention(k, u, a) for k in ("map", "displacement") for u in ("voxel", "unit", "normalized")
                for a in ("ij", "xy")]
@@ -123,7 +123,7 @@ def test_default_model_loads_strictly_and_names_a_missing_file(tmp_path):
 
 
 def backend_weights():
-    from pipeline.backends.default_net import WEIGHTS
+    from equiqc.pipeline.backends.default_net import WEIGHTS
 
     return WEIGHTS
 
@@ -196,7 +196,7 @@ def test_icon_network_random_weights_small_shape_through_the_estimator(mni_pair_
 @pytest.mark.slow
 def test_full_size_icon_network_builds():
     pytest.importorskip("unigradicon")
-    from pipeline.backends.icon import ICON_SHAPE, build_network
+    from equiqc.pipeline.backends.icon import ICON_SHAPE, build_network
 
     net = build_network()
     assert tuple(net.identity_map.shape) == (1, 3, *ICON_SHAPE)
@@ -206,7 +206,7 @@ def test_full_size_icon_network_builds():
 
 
 def test_icon_intensity_preprocessing():
-    from pipeline.backends.icon import icon_normalise
+    from equiqc.pipeline.backends.icon import icon_normalise
 
     ct = icon_normalise("ct")(torch.tensor([[-2000.0, 0.0, 500.0, 3000.0]]))
     np.testing.assert_allclose(ct.numpy(), [[0.0, 0.5, 0.75, 1.0]])

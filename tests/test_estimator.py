@@ -11,11 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from doubles import ExactSolver, NoisySolver, coordinate_source, coordinate_target
 
-from pipeline import transforms as T
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from pipeline.perturbations import PerturbationConfig, sample_perturbations
-from tests.doubles import ExactSolver, NoisySolver, coordinate_source, coordinate_target
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
+from equiqc.pipeline.perturbations import PerturbationConfig, sample_perturbations
 
 SOURCE_SHAPE = (26, 24, 22)
 TARGET_SHAPE = (12, 11, 10)
@@ -200,10 +200,10 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np, torch
     sys.path.insert(0, {root!r})
-    from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-    from pipeline.perturbations import PerturbationConfig
-    from tests.doubles import NoisySolver, coordinate_source, coordinate_target
-    from pipeline import transforms as T
+    from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
+    from equiqc.pipeline.perturbations import PerturbationConfig
+    from doubles import NoisySolver, coordinate_source, coordinate_target
+    from equiqc.pipeline import transforms as T
     torch.set_num_threads(1)
     shape = (48, 48, 48)
     phi = T.affine_map(torch.eye(4, dtype=torch.float64), shape, torch.float64)
@@ -219,7 +219,7 @@ MEMORY_PROBE = textwrap.dedent("""
 def test_peak_memory_does_not_grow_with_k(tmp_path):
     import pathlib
 
-    root = str(pathlib.Path(__file__).resolve().parents[1])
+    root = str(pathlib.Path(__file__).resolve().parent)  # for `from doubles import`
     # Large buffers through mmap, so the peak RSS measures what is live rather than glibc's heap
     # fragmentation (without it the heap creeps by ~0.3 MB per batch, measured, then is reused).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -10,10 +10,10 @@ import subprocess
 import pytest
 from distributed import Client, LocalCluster
 
-from workflows.cluster import ClusterHandle
-from workflows.config import RunConfig
-from workflows.demo import LABEL_NAMES, build_demo_cohort
-from workflows.run import run_cohort
+from equiqc.workflows.cluster import ClusterHandle
+from equiqc.workflows.config import RunConfig
+from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort
+from equiqc.workflows.run import run_cohort
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

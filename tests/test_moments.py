@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.moments import StreamingMoments, components
+from equiqc.pipeline.moments import StreamingMoments, components
 
 
 def two_pass(x: np.ndarray, w: np.ndarray, groups: np.ndarray):

@@ -1,37 +1,143 @@
-"""The installable distribution: metadata, console script, conda environment, layering of packages."""
+"""The installable distribution: one import package from the built wheel, version, dependencies, console
+script, conda environment, layering of packages, CLI start-up time."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
-
+import time
 import tomllib
+import zipfile
+
+import pytest
 import yaml
 
+import equiqc
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def test_environment_yml_installs_the_project_with_the_same_torch_pin():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    """The wheel built from this tree (not editable), as `pip install .` would build it."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+    return next(out.glob("equiqc-*.whl"))
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_package_equiqc(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        installed_roots = {line.split(",")[0].split("/")[0] for line in zf.read(record).decode().splitlines()}
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert top_level == {"equiqc"}, top_level
+    assert {r for r in installed_roots if not r.endswith(".dist-info")} == {"equiqc"}
+    for module in ("equiqc/__init__.py", "equiqc/errors.py", "equiqc/pipeline/estimator.py",
+                   "equiqc/pipeline/backends/default_weights.pt", "equiqc/storage/results.py",
+                   "equiqc/workflows/cli.py"):
+        assert module in names, module
+    assert not any(n.startswith(("equiqc/tests/", "equiqc/benchmarks/", "equiqc/docs/")) for n in names)
+    assert "equiqc = equiqc.workflows.cli:main" in entry_points
+
+
+@pytest.mark.slow
+def test_the_wheel_works_outside_the_source_tree(wheel, tmp_path):
+    """Unpacked on its own (no source tree on sys.path): import, version and the CLI."""
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp_path / "site")
+    code = ("import equiqc, equiqc.workflows.cli as c; print(equiqc.__version__); print(equiqc.__file__); "
+            "c.main(['--version'])")
+    # from an empty folder, so the source tree is not importable; the unpacked wheel comes first on sys.path
+    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); "
+                          + code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    version, location, cli_version = out.stdout.split("\n")[:3]
+    assert location.startswith(str(tmp_path / "site"))
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?(\.dev\d+)?(\+[\w.]+)?", version), version
+    assert cli_version == f"equiqc {version}"
+
+
+def test_version_comes_from_git_metadata():
+    assert equiqc.__version__ != "0+unknown"
+    assert PROJECT.get("dynamic") == ["version"] and "version" not in PROJECT
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert any(r.startswith("setuptools-scm") for r in build)
+    out = subprocess.run([sys.executable, "-m", "equiqc.workflows.cli", "--version"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.stdout.strip() == f"equiqc {equiqc.__version__}"
+
+
+def test_python_bound_is_what_the_code_needs():
+    assert PROJECT["requires-python"] == ">=3.11"  # tomllib, zarr 3, datetime.UTC
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    assert re.search(r"3\.1[1-9]", py), py
+
+
+def test_torch_is_a_lower_bound_and_the_cpu_choice_is_in_the_commands():
+    torch_req = next(r for r in PROJECT["dependencies"] if r.startswith("torch"))
+    assert "==" not in torch_req and ">=" in torch_req
+    constraints = (ROOT / ".ci" / "cpu-constraints.txt").read_text()
+    assert "torch==" in constraints
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert all("-c .ci/cpu-constraints.txt" in c for c in commands)
+
+
+def test_runtime_dependencies_are_used_by_the_runtime_code():
+    """Every runtime dependency is imported somewhere in pipeline/, storage/ or workflows/ (pyarrow, bokeh and
+    the dask core are used through pandas / distributed, and are checked by name)."""
+    imports = _imports("pipeline") | _imports("storage") | _imports("workflows")
+    module_of = {"pyyaml": "yaml", "torch": "torch"}
+    indirect = {"bokeh", "dask"}  # the dashboard; distributed's core
+    for req in PROJECT["dependencies"]:
+        name = re.split(r"[<>=\[ ;]", req)[0].lower()
+        if name in indirect:
+            continue
+        assert module_of.get(name, name) in imports, f"{name} is a runtime dependency but no runtime code imports it"
+
+
+def test_environment_yml_is_conda_native_with_the_extras():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"][0] == "conda-forge"
+    conda = {re.split(r"[<>=]", d)[0] for d in env["dependencies"] if isinstance(d, str)}
+    for pkg in ("pytorch", "dask", "distributed", "zarr", "nibabel", "xarray", "pandas", "pyarrow", "bokeh",
+                "dask-jobqueue"):
+        assert pkg in conda, pkg
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    torch_pin = next(r for r in project["dependencies"] if r.startswith("torch"))
-    assert torch_pin in pip_section
-    assert "-e .[test]" in pip_section
-    py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
-    assert tuple(map(int, py.split("=")[1].split("."))) >= (3, 10)
+    assert any(p.startswith("-e .[") and "--no-deps" in " ".join(pip_section) for p in pip_section), pip_section
 
 
-def test_extras_and_console_script():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    assert any(r.startswith("dask-cuda>=26") for r in extras["gpu"])
+def test_console_script_and_extras():
+    extras = PROJECT["optional-dependencies"]
+    assert any(re.fullmatch(r"dask-cuda>=26,<27", r) for r in extras["gpu"])
     assert any(r.startswith("dask-jobqueue") for r in extras["cluster"])
-    assert project["scripts"]["equiqc"] == "workflows.cli:main"
-    out = subprocess.run([sys.executable, "-m", "workflows.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert PROJECT["scripts"]["equiqc"] == "equiqc.workflows.cli:main"
+    out = subprocess.run([sys.executable, "-m", "equiqc.workflows.cli", "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
     assert out.returncode == 0 and "estimate" in out.stdout
+
+
+def test_help_is_fast_and_imports_neither_torch_nor_dask():
+    code = ("import sys, time; t = time.perf_counter(); from equiqc.workflows.cli import build_parser; "
+            "build_parser(); print(time.perf_counter() - t); "
+            "print('torch' in sys.modules, 'distributed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    seconds, loaded = out.stdout.split("\n")[:2]
+    assert loaded == "False False"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "equiqc.workflows.cli", "--help"], capture_output=True, check=True)
+    assert time.perf_counter() - start < 2.0  # the interpreter start included; the parser itself is ~0.05 s
+    assert float(seconds) < 0.5
 
 
 def _imports(package: str) -> set[str]:
@@ -39,12 +145,22 @@ def _imports(package: str) -> set[str]:
     for path in (ROOT / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
+                names |= {a.name.split(".")[0] if not a.name.startswith("equiqc.") else a.name.split(".")[1]
+                          for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
+                parts = node.module.split(".")
+                names.add(parts[1] if parts[0] == "equiqc" and len(parts) > 1 else parts[0])
     return names
 
 
-def test_layers_import_one_way():
+def test_layers_import_one_way_and_only_through_the_namespace():
     assert not _imports("pipeline") & {"storage", "workflows"}
     assert "workflows" not in _imports("storage")
+    for folder in ("pipeline", "storage", "workflows", "tests", "benchmarks", "docs"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    assert node.module.split(".")[0] not in {"pipeline", "storage", "workflows"}, (path, node.module)
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        assert alias.name.split(".")[0] not in {"pipeline", "storage", "workflows"}, path

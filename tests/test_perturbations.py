@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import transforms as T
-from pipeline.perturbations import PerturbationConfig, pair_seed, sample_perturbations
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.perturbations import PerturbationConfig, pair_seed, sample_perturbations
 
 AFFINE = torch.tensor([[1.5, 0, 0, -40.0], [0, 1.0, 0, 10.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]], dtype=torch.float64)
 SHAPE = (20, 30, 12)

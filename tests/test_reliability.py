@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from anatomy import moved_template
 from distributed import Client, LocalCluster
 
-from storage import results as R
-from storage.manifest import write_manifest
-from tests.conftest import moved_template
+from equiqc.storage import results as R
+from equiqc.storage.manifest import write_manifest
+from equiqc.workflows.cli import main
+from equiqc.workflows.cluster import ClusterHandle
+from equiqc.workflows.config import RunConfig
+from equiqc.workflows.run import run_cohort
 from tests.test_storage import bad_inputs
-from workflows.cli import main
-from workflows.cluster import ClusterHandle
-from workflows.config import RunConfig
-from workflows.run import run_cohort
 
 CFG = dict(samples=3, batch_size=4)
 
@@ -152,13 +152,13 @@ def test_a_worker_killed_mid_estimation_loses_nothing(clean, tmp_path):
 def test_a_killed_run_resumes_only_incomplete_pairs_and_a_second_run_is_refused(clean, tmp_path):
     manifest, reference = clean
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "workflows.cli", "run", str(manifest), "--out", str(out), "--samples", "3",
+    cmd = [sys.executable, "-m", "equiqc.workflows.cli", "run", str(manifest), "--out", str(out), "--samples", "3",
            "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=Path(__file__).resolve().parents[1])
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not (out / ".equiqc.lock").exists():
+        while time.time() < deadline and not (out / ".equiqc-locks" / "all.lock").exists():
             time.sleep(0.1)
         # a second run on the same folder is refused while the first holds it
         second = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 
-from pipeline.estimator import UncertaintyResult
-from pipeline.moments import components
-from storage import results as R
-from storage.cohort import ingest_pair, pair_status, read_pair
-from storage.export import export_nifti
-from storage.manifest import ManifestError, derive_pair_id, read_manifest
-from storage.report import SCHEMA, write_report
+from equiqc.pipeline.estimator import UncertaintyResult
+from equiqc.pipeline.moments import components
+from equiqc.storage import results as R
+from equiqc.storage.cohort import ingest_pair, pair_status, read_pair
+from equiqc.storage.export import export_nifti
+from equiqc.storage.manifest import ManifestError, derive_pair_id, read_manifest
+from equiqc.storage.report import SCHEMA, write_report
 
 RNG = np.random.default_rng(0)
 SHAPE = (12, 10, 8)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import transforms as T
-from pipeline.perturbations import rotation_matrices
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.perturbations import rotation_matrices
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -1,7 +1,11 @@
-"""The ``equiqc`` command line: ingest, run, report, export, demo, estimate.
+"""The ``equiqc`` command line: ingest, run, report, export, demo, estimate, options.
 
-Exit codes: 0 when a run completed (failed pairs are listed in the report), 2 for unusable input or
-configuration (bad manifest, bad option, locked output folder), with one message naming what to fix.
+Exit codes: 0 when a run completed with at least one complete pair (failed pairs are listed in the
+report); 2 for unusable input or configuration (bad manifest, bad option, unknown model, missing weights,
+locked output folder), with one line naming what to fix (``--debug`` adds the traceback); 3 when no pair
+completed. Any other error is a bug and keeps its traceback (exit 1).
+
+Building the parser imports neither torch nor Dask, so ``equiqc --help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+import equiqc
+from equiqc.errors import UserError
+from equiqc.pipeline.perturbation_config import KINDS
+from equiqc.workflows.config import CLUSTERS, METHODS
 
-from pipeline.perturbations import KINDS
-from workflows.config import CLUSTERS, METHODS, ConfigError
+NO_PAIR_COMPLETED = 3
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -33,42 +39,86 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this (memory guard)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace results of another configuration in the output folder")
+    _model_declarations(p)
+
+
+def _model_declarations(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-convention", metavar="KIND/UNITS/AXES",
+                   help="torchscript:/python: models: what the network outputs, e.g. displacement/voxel/ij or "
+                        "map/normalized/xy (see equiqc.pipeline.backends.conventions); default displacement/voxel/ij")
+    p.add_argument("--input-shape", nargs="+", type=int, metavar="N",
+                   help="torchscript:/python: models: the fixed grid the network consumes, in its own axis order, "
+                        "e.g. 160 192 224")
+    p.add_argument("--input-layout", metavar="CODE",
+                   help="torchscript:/python: models: the anatomical direction of each array axis the network "
+                        "expects, e.g. RAS (default: equiqc's RAS+ arrays), LIA (FreeSurfer), SAR (ITK arrays of "
+                        "RAS-stored files)")
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    """``model_options`` declared by flags (merged over the config file's)."""
+    options = {}
+    if getattr(args, "output_convention", None):
+        options["convention"] = args.output_convention
+    if getattr(args, "input_shape", None):
+        options["input_shape"] = list(args.input_shape)
+    if getattr(args, "input_layout", None):
+        options["layout"] = args.input_layout
+    return options
 
 
 def _config(args: argparse.Namespace):
-    from workflows.config import make_config
+    from equiqc.workflows.config import make_config
 
-    return make_config(args.config, model=args.model, weights=args.weights, method=args.method,
-                       perturbation=args.perturbation, samples=args.samples, batch_size=args.batch_size,
-                       seed=args.seed, cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
-                       max_voxels=args.max_voxels, overwrite=args.overwrite)
+    return make_config(args.config, model_options=_model_options(args), model=args.model, weights=args.weights,
+                       method=args.method, perturbation=args.perturbation, samples=args.samples,
+                       batch_size=args.batch_size, seed=args.seed, cluster=args.cluster, scheduler=args.scheduler,
+                       workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite)
 
 
 def _print_run(summary) -> None:
     complete = len(summary.rows) - len(summary.failed)
     print(f"pairs: {len(summary.rows)} ({complete} complete, {len(summary.failed)} failed, "
           f"{summary.computed} computed this run) in {summary.seconds:.1f} s")
-    print(f"flagged: {len(summary.flagged)}")
+    if not summary.shard:
+        print(f"flagged: {len(summary.flagged)}")
     for r in sorted(summary.flagged, key=lambda r: -r["risk_score"])[:10]:
         print(f"  {r['pair_id']}: risk {r['risk_score']:.2f}, p95 uncertainty {r['uncertainty_p95_mm']:.2f} mm")
     for r in summary.failed[:10]:
         print(f"  failed {r['pair_id']}: {r.get('error')}")
-    print(f"report: {summary.report}")
+    if summary.shard:
+        print(f"shard {summary.shard[0]}/{summary.shard[1]} done; once every shard has run: equiqc report OUT "
+              "(merges them into one report)")
+    else:
+        print(f"report: {summary.report}")
     if summary.html:
         print(f"report.html: {summary.html}")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from workflows.run import run_cohort
+def _exit_code(summary) -> int:
+    """0 when at least one pair is complete, else :data:`NO_PAIR_COMPLETED` (said on stderr)."""
+    if not summary.rows or len(summary.rows) > len(summary.failed):  # an empty shard is not a failure
+        return 0
+    print(f"equiqc: no pair completed ({len(summary.failed)} failed); see the errors above",
+          file=sys.stderr)
+    return NO_PAIR_COMPLETED
 
-    summary = run_cohort(args.manifest, args.out, _config(args))
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from equiqc.workflows.run import parse_shard, plan_run, run_cohort
+
+    shard = parse_shard(args.shard)
+    if args.dry_run:
+        print(plan_run(args.manifest, args.out, _config(args), shard))
+        return 0
+    summary = run_cohort(args.manifest, args.out, _config(args), argv=sys.argv, shard=shard)
     _print_run(summary)
-    return 0
+    return _exit_code(summary)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from storage.cohort import ingest_pair
-    from storage.manifest import read_manifest
+    from equiqc.storage.cohort import ingest_pair
+    from equiqc.storage.manifest import read_manifest
 
     specs = read_manifest(args.manifest)
     failed = 0
@@ -81,7 +131,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from workflows.run import rebuild_report
+    from equiqc.workflows.run import rebuild_report
 
     summary = rebuild_report(args.dir)
     _print_run(summary)
@@ -89,7 +139,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from storage.export import export_nifti
+    from equiqc.storage.export import export_nifti
 
     out = Path(args.to)
     for name in args.arrays.split(","):
@@ -102,8 +152,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from workflows.demo import LABEL_NAMES, build_demo_cohort, demo_summary
-    from workflows.run import run_cohort
+    from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort, demo_summary
+    from equiqc.workflows.run import run_cohort
 
     config = _config(args)
     atlas = "multipropreg" if config.model == "multipropreg" else "mni"
@@ -111,7 +161,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo cohort: {args.pairs} pairs from the {atlas} atlas -> {cohort.manifest}")
     if atlas == "mni":
         config.label_names = config.label_names or dict(LABEL_NAMES)
-    summary = run_cohort(cohort.manifest, args.out, config)
+    summary = run_cohort(cohort.manifest, args.out, config, argv=sys.argv)
     _print_run(summary)
     stats = demo_summary(summary.rows, cohort.truth)
     print(json.dumps(stats, indent=1))
@@ -119,22 +169,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"({stats['flagged_injected']}/{stats['injected']} injected flagged, {stats['flagged_good']} good flagged)")
     if summary.html:
         print(f"open the QC report: {summary.html}")
-    return 0
+    return _exit_code(summary)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from pipeline.backends.registry import load_backend
-    from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-    from pipeline.perturbations import PerturbationConfig
-    from storage.nifti import load_volume, save_volume
-    from workflows.config import make_config
+    import numpy as np
 
-    kind = args.perturbation or make_config(model=args.model).perturbation  # the model's default, else rigid
+    from equiqc.pipeline.backends.registry import load_backend
+    from equiqc.pipeline.estimator import estimate_uncertainty
+    from equiqc.storage.nifti import load_volume, save_volume
+    from equiqc.workflows.config import make_config
+    from equiqc.workflows.provenance import probe_model
+
+    config = make_config(model_options=_model_options(args), model=args.model, weights=args.weights,
+                         perturbation=args.perturbation, samples=args.samples, batch_size=args.batch_size,
+                         seed=args.seed)  # the model's default perturbation, else rigid
+    probe_model(config)  # one clear error for an unknown model or missing weights
     source, target = load_volume(args.source), load_volume(args.target)
-    config = EstimatorConfig(samples=args.samples, batch_size=args.batch_size,
-                             perturbation=PerturbationConfig(kind=kind))
-    result = estimate_uncertainty(load_backend(args.model, weights=args.weights), source.data, target.data,
-                                  source.affine, target.affine, config, seed=args.seed)
+    backend = load_backend(config.model, weights=config.weights, **config.model_options)
+    result = estimate_uncertainty(backend, source.data, target.data, source.affine, target.affine,
+                                  config.estimator_config(), seed=config.seed)
     print(f"mean std_mm: {np.nanmean(result.std_mm):.4f} mm over {int((result.n_valid >= 2).sum())} voxels")
     if args.out:
         save_volume(args.out, result.std_mm, target.affine)
@@ -144,11 +198,17 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equiqc", description="Registration QC by transformation equivariance.")
+    parser.add_argument("--version", action="version", version=f"equiqc {equiqc.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) QC on a cohort manifest")
     run.add_argument("manifest", help="CSV/TSV with subject_id, source, target (+ optional columns)")
     run.add_argument("--out", required=True, help="output folder (results.zarr, report.parquet)")
+    run.add_argument("--shard", metavar="I/N", help="compute the I-th of N deterministic slices of the manifest "
+                     "(job arrays); shards share --out and run side by side; `equiqc report OUT` merges them")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (pairs to compute, the cluster, a "
+                     "jobqueue job script) and start nothing")
     _run_options(run)
     run.set_defaults(func=_cmd_run)
 
@@ -185,19 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--out", help="write the std_mm map to this NIfTI file")
+    _model_declarations(est)
     est.set_defaults(func=_cmd_estimate)
+
+    opts = sub.add_parser("options", help="list every config-file option with its type, default and meaning")
+    opts.set_defaults(func=_cmd_options)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from storage.manifest import ManifestError
-    from storage.nifti import VolumeError
-    from workflows.run import RunLocked
+def _cmd_options(args: argparse.Namespace) -> int:
+    from equiqc.workflows.config import options_help
 
+    print(options_help())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, ConfigError, RunLocked, VolumeError, FileNotFoundError, ValueError) as exc:
+    except UserError as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"equiqc: {exc}", file=sys.stderr)
         return 2
 

@@ -1,15 +1,21 @@
-"""Creating the Dask cluster a run executes on.
+"""Creating (or reaching) the Dask cluster a run executes on.
 
 * ``local`` (default): ``distributed.LocalCluster`` of processes, one thread each (torch uses that one
-  thread), as many workers as cores unless ``--workers``;
+  thread), as many workers as cores unless ``--workers``; scheduler and dashboard on 127.0.0.1 (every
+  worker is on this machine).
 * ``cuda``: ``dask_cuda.LocalCUDACluster``, one worker per GPU, each advertising the resource ``GPU=1``
-  (estimation tasks ask for it); needs ``pip install equiqc[gpu]`` on a machine with CUDA;
-* ``slurm`` / ``pbs``: ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` with ``cluster_options`` from the
-  config file (queue, cores, memory, walltime, job_extra_directives...), scaled to ``--workers`` jobs;
-  needs ``pip install equiqc[cluster]``;
-* ``--scheduler tcp://host:port``: an existing cluster; nothing is created.
-
-The scheduler and dashboard of clusters created here bind to 127.0.0.1 unless the options say otherwise.
+  (estimation tasks ask for it); needs ``pip install 'equiqc[gpu]'`` on a machine with CUDA.
+* ``slurm`` / ``pbs``: ``dask_jobqueue.SLURMCluster`` / ``PBSCluster``, scaled to ``--workers`` jobs. Only the
+  options the user set in ``cluster_options`` are passed; everything else comes from dask-jobqueue's own
+  configuration (``~/.config/dask/jobqueue.yaml``: ``interface``, queue, account, cores, memory...), and the
+  scheduler listens where dask-jobqueue puts it (the ``interface``, else this host's address): never on a
+  loopback address, which workers on compute nodes could not reach. With ``gpus_per_worker: 1`` each job
+  requests one GPU (SLURM ``--gres=gpu:1``; PBS ``ngpus=1`` in the resource spec), runs one worker with one
+  thread (the job still books the ``cores`` asked for: SLURM ``--cpus-per-task``, PBS ``ncpus``), and the
+  worker advertises ``--resources GPU=1``. Needs ``pip install 'equiqc[cluster]'``.
+* ``--scheduler tcp://host:port``: an existing cluster; nothing is created. GPU tasks (``--cluster cuda`` or
+  ``gpus_per_worker``) need workers started with ``--resources GPU=1``; the run checks that some worker
+  advertises it and otherwise says how to start them.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from distributed import Client, LocalCluster
+from equiqc.workflows.config import ConfigError, RunConfig
 
-from workflows.config import ConfigError, RunConfig
+GPU_RESOURCE = {"GPU": 1}
 
 
 @dataclass
 class ClusterHandle:
-    client: Client
+    client: object  # distributed.Client
     cluster: object | None  # None for an existing scheduler
     gpu: bool
 
@@ -38,6 +44,17 @@ class ClusterHandle:
             self.cluster.close()
 
 
+def uses_gpu(config: RunConfig) -> bool:
+    """Whether estimation tasks ask for the ``GPU`` resource on this configuration's cluster."""
+    return config.cluster == "cuda" or bool(config.gpus_per_worker)
+
+
+def _jobqueue_default(kind: str, key: str):
+    import dask
+
+    return dask.config.get(f"jobqueue.{kind}.{key}", None)
+
+
 def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
     """The class to build and its keyword arguments (separate so tests can assert them without hardware)."""
     opts = dict(config.cluster_options)
@@ -48,35 +65,116 @@ def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
         if config.cluster == "local":
             workers = config.workers or max(1, os.cpu_count() or 1)
             return "local", {**kwargs, "n_workers": workers, "processes": True, **opts}
-        kwargs = {**kwargs, "resources": {"GPU": 1}, **opts}
+        kwargs = {**kwargs, "resources": dict(GPU_RESOURCE), **opts}
         if config.workers:
             kwargs.setdefault("n_workers", config.workers)
         return "cuda", kwargs
-    kwargs = {"scheduler_options": {"host": "127.0.0.1", "dashboard_address": config.dashboard_address},
-              "processes": 1, "cores": 1, "memory": "16GB", **opts}
+    kwargs = opts  # only what the user set: jobqueue.yaml supplies the rest
+    if config.gpus_per_worker:
+        kind = config.cluster
+        cores = kwargs.get("cores") or _jobqueue_default(kind, "cores") or 1
+        processes = kwargs.get("processes") or _jobqueue_default(kind, "processes") or 1
+        if processes != 1:
+            raise ConfigError(f"cluster_options processes={processes} with gpus_per_worker: each GPU job runs one "
+                              "worker (one GPU, one thread); leave processes at 1 and scale the number of jobs "
+                              "with --workers")
+        kwargs = {**kwargs, "cores": 1, "processes": 1}
+        extra = list(kwargs.get("worker_extra_args") or _jobqueue_default(kind, "worker-extra-args") or [])
+        kwargs["worker_extra_args"] = [*extra, "--resources", "GPU=1"]
+        if kind == "slurm":
+            kwargs.setdefault("job_cpu", cores)
+            directives = list(kwargs.get("job_extra_directives")
+                              or _jobqueue_default(kind, "job-extra-directives") or [])
+            if not any("gres" in d or "gpus" in d for d in directives):
+                directives.append(f"--gres=gpu:{config.gpus_per_worker}")
+            kwargs["job_extra_directives"] = directives
+        else:
+            spec = kwargs.get("resource_spec") or _jobqueue_default(kind, "resource-spec")
+            if not spec:
+                spec = f"select=1:ncpus={cores}"
+                memory = kwargs.get("memory") or _jobqueue_default(kind, "memory")
+                if memory:
+                    from dask.utils import parse_bytes
+                    from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+                    spec += f":mem={pbs_format_bytes_ceil(parse_bytes(memory))}"
+            if "ngpus" not in spec:
+                spec += f":ngpus={config.gpus_per_worker}"
+            kwargs["resource_spec"] = spec
     return config.cluster, kwargs
+
+
+def _jobqueue_class(kind: str):
+    try:
+        import dask_jobqueue
+    except ImportError as exc:
+        raise ConfigError(f"--cluster {kind} needs dask-jobqueue: pip install 'equiqc[cluster]'") from exc
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+
+
+def build_cluster(config: RunConfig):
+    """The cluster object for ``config`` (no jobs are submitted; jobqueue clusters start only their scheduler)."""
+    from distributed import LocalCluster
+
+    kind, kwargs = cluster_kwargs(config)
+    if kind == "local":
+        return LocalCluster(**kwargs)
+    if kind == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except Exception as exc:  # not installed (ImportError), or installed on a machine without CUDA
+            raise ConfigError(f"--cluster cuda needs dask-cuda on a machine with CUDA GPUs ({type(exc).__name__}: "
+                              f"{exc}): pip install 'equiqc[gpu]' there, or use --cluster local") from exc
+        return LocalCUDACluster(**kwargs)
+    cls = _jobqueue_class(kind)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # e.g. no cores/memory here or in jobqueue.yaml, unknown keyword
+        raise ConfigError(f"--cluster {kind}: dask-jobqueue refused the options {sorted(kwargs)} ({exc}); set them "
+                          "in cluster_options or in ~/.config/dask/jobqueue.yaml") from exc
+
+
+def job_script(config: RunConfig) -> str | None:
+    """The job script a jobqueue cluster would submit (None for other clusters); starts no job."""
+    if config.scheduler or config.cluster not in ("slurm", "pbs"):
+        return None
+    cluster = build_cluster(config)
+    try:
+        return cluster.job_script()
+    finally:
+        cluster.close()
+
+
+def connect(address: str, gpu: bool, timeout_s: float = 30.0):
+    """A client of an existing scheduler; ConfigError if it cannot be reached or has no GPU worker for GPU tasks."""
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=timeout_s)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"--scheduler {address}: cannot reach the Dask scheduler ({type(exc).__name__}: {exc}); "
+                          "check the address and that the scheduler runs") from exc
+    if gpu:
+        workers = client.scheduler_info().get("workers", {})
+        if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+            client.close()
+            raise ConfigError(
+                f"--scheduler {address}: the estimation tasks need the GPU resource, but none of its "
+                f"{len(workers)} workers advertises it; start one worker per GPU with "
+                f"`CUDA_VISIBLE_DEVICES=i dask worker {address} --nthreads 1 --resources GPU=1` "
+                f"(or dask-cuda's `dask cuda worker {address} --resources GPU=1`), or drop --cluster cuda / "
+                "gpus_per_worker to run on CPU workers")
+    return client
 
 
 def make_cluster(config: RunConfig) -> ClusterHandle:
     """Start (or connect to) the cluster described by ``config``."""
+    from distributed import Client
+
+    gpu = uses_gpu(config)
     if config.scheduler:
-        return ClusterHandle(Client(config.scheduler), None, config.cluster == "cuda")
-    kind, kwargs = cluster_kwargs(config)
-    if kind == "local":
-        cluster = LocalCluster(**kwargs)
-    elif kind == "cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as exc:
-            raise ConfigError("--cluster cuda needs dask-cuda on a machine with CUDA GPUs: "
-                              "pip install 'equiqc[gpu]'") from exc
-        cluster = LocalCUDACluster(**kwargs)
-    else:
-        try:
-            import dask_jobqueue
-        except ImportError as exc:
-            raise ConfigError(f"--cluster {kind} needs dask-jobqueue: pip install 'equiqc[cluster]'") from exc
-        cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
-        cluster = cls(**kwargs)
+        return ClusterHandle(connect(config.scheduler, gpu), None, gpu)
+    cluster = build_cluster(config)
+    if config.cluster in ("slurm", "pbs"):
         cluster.scale(jobs=config.workers or 1)
-    return ClusterHandle(Client(cluster), cluster, kind == "cuda")
+    return ClusterHandle(Client(cluster), cluster, gpu)

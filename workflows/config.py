@@ -1,20 +1,30 @@
 """Run configuration: defaults, a YAML/TOML config file, and command-line overrides (in that order).
 
-The part of the configuration that changes the numbers (model, weights, method, perturbation, K, batch
-size, draws, seed) is recorded in each pair's completion marker (:meth:`RunConfig.result_key`); results of
-another key are never mixed with these.
+Every option is a field of :class:`RunConfig` whose type hint and ``metadata`` (``choices``, ``min``,
+``max``, ``help``) are the schema: :func:`validate` checks each value against it and raises one
+:class:`ConfigError` naming the option, the value and what is allowed. Nothing is coerced: ``workers: "8"``
+in a YAML file is a string and is refused, not guessed.
+
+The part of the configuration that changes the numbers (model, the sha256 of its weights, method,
+perturbation, K, batch size, draws, seed, and :data:`~equiqc.pipeline.estimator.NUMERICS_VERSION`) is
+recorded in each pair's completion marker (:meth:`RunConfig.result_key`); results of another key are never
+mixed with these.
+
+This module imports neither torch nor Dask, so ``equiqc --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import math
+import tomllib
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import tomllib
 import yaml
 
-from pipeline.estimator import EstimatorConfig
-from pipeline.perturbations import PerturbationConfig
+from equiqc.errors import UserError
+from equiqc.pipeline.perturbation_config import KINDS, PerturbationConfig
 
 METHODS = ("equivariance", "mc-dropout")
 # Defaults that depend on the model, applied before the config file and flags (which override them).
@@ -26,63 +36,145 @@ MODEL_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorph
 CLUSTERS = ("local", "cuda", "slurm", "pbs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message names the option and what to do."""
+
+
+def _opt(default, help: str, **rules):
+    """A config field: its default, a one-line meaning, and validation rules (choices, min, max, internal)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, **rules})
 
 
 @dataclass
 class RunConfig:
-    model: str = "default"
-    weights: str | None = None
-    method: str = "equivariance"
-    perturbation: str = "rigid"
-    perturbation_options: dict = field(default_factory=dict)  # PerturbationConfig magnitudes
-    model_options: dict = field(default_factory=dict)  # passed to the backend factory
-    samples: int = 16
-    batch_size: int = 4
-    draws: int = 1
-    seed: int = 0
-    cluster: str = "local"
-    scheduler: str | None = None
-    workers: int | None = None
-    cluster_options: dict = field(default_factory=dict)  # dask-jobqueue / dask-cuda keyword arguments
-    dashboard_address: str = "127.0.0.1:0"
-    max_voxels: int | None = 64_000_000
-    retries: int = 2
-    overwrite: bool = False
-    z_threshold: float = 3.0
-    abs_threshold_mm: float = 4.0
-    folding_threshold: float = 0.01
-    label_names: dict = field(default_factory=dict)  # label value -> name for per-structure summaries
+    model: str = _opt("default", "backend name, torchscript:PATH or python:package.module:factory")
+    weights: str | None = _opt(None, "local weights file for the model (nothing is downloaded)")
+    method: str = _opt("equivariance", "equivariance or mc-dropout", choices=METHODS)
+    perturbation: str = _opt("rigid", "perturbation family", choices=KINDS)
+    perturbation_options: dict = _opt(dict, "PerturbationConfig magnitudes (mm, degrees)")
+    model_options: dict = _opt(dict, "keyword arguments of the backend factory (convention, input_shape...)")
+    samples: int = _opt(16, "K perturbations (or MC-dropout samples) per pair", min=1)
+    batch_size: int = _opt(4, "samples per model call", min=1)
+    draws: int = _opt(1, "predictions per perturbation (stochastic models only)", min=1)
+    seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0)
+    cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS)
+    scheduler: str | None = _opt(None, "address of an existing Dask scheduler (tcp://host:port)")
+    workers: int | None = _opt(None, "worker processes (local), GPUs (cuda) or jobs (slurm/pbs)", min=1)
+    cluster_options: dict = _opt(dict, "dask-jobqueue / dask-cuda / LocalCluster keyword arguments")
+    gpus_per_worker: int | None = _opt(None, "slurm/pbs: GPUs each job requests; its worker runs one thread and "
+                                       "advertises GPU=1 (equiqc uses one GPU per worker)", choices=(1,))
+    dashboard_address: str = _opt("127.0.0.1:0", "where the Dask dashboard of a cluster started here listens")
+    max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1)
+    retries: int = _opt(2, "times a task lost with its worker is retried", min=0)
+    overwrite: bool = _opt(False, "replace results of another configuration in the output folder")
+    z_threshold: float = _opt(3.0, "cohort robust z-score above which a pair is flagged", min=0)
+    abs_threshold_mm: float = _opt(4.0, "p95 uncertainty (mm) above which a pair is flagged", min=0)
+    folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
+    label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
+    # Filled by the run from the model it loaded, never by the user: the weights' checksum keys resume.
+    weights_sha256: str | None = _opt(None, "sha256 of the model's weights file (set by the run)", internal=True)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.cluster not in CLUSTERS:
-            raise ConfigError(f"--cluster {self.cluster!r}: choose one of {', '.join(CLUSTERS)}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        try:
-            self.estimator_config()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        validate(self)
 
     def perturbation_config(self) -> PerturbationConfig:
         kind = "none" if self.method == "mc-dropout" else self.perturbation
         return PerturbationConfig(kind=kind, **self.perturbation_options)
 
-    def estimator_config(self) -> EstimatorConfig:
+    def estimator_config(self):
+        """The :class:`~equiqc.pipeline.estimator.EstimatorConfig` of this run (imports torch)."""
+        from equiqc.pipeline.estimator import EstimatorConfig
+
         return EstimatorConfig(samples=self.samples, batch_size=self.batch_size, draws=self.draws,
                                perturbation=self.perturbation_config())
 
     def result_key(self) -> dict:
         """What determines the numbers: stored in every completion marker and compared on resume."""
-        return {"model": self.model, "weights": self.weights, "model_options": self.model_options,
-                "method": self.method, "perturbation": self.perturbation_config().to_dict(),
-                "samples": self.samples, "batch_size": self.batch_size, "draws": self.draws, "seed": self.seed}
+        from equiqc.pipeline.numerics import NUMERICS_VERSION
+
+        return {"model": self.model, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                "model_options": self.model_options, "method": self.method,
+                "perturbation": self.perturbation_config().to_dict(), "samples": self.samples,
+                "batch_size": self.batch_size, "draws": self.draws, "seed": self.seed,
+                "numerics_version": NUMERICS_VERSION}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _type_ok(value, hint) -> bool:
+    if hint is typing.Any:
+        return True
+    args = typing.get_args(hint)
+    if args:  # a union such as int | None
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               dict: "a mapping", type(None): "nothing (null)"}
+
+
+def _describe(hint) -> str:
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join(_TYPE_WORDS.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def validate(config: RunConfig) -> None:
+    """Check every option against the schema (types, choices, ranges, nested options); raise ConfigError."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        value, rules = getattr(config, f.name), f.metadata
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(f"option {f.name}: {value!r} ({type(value).__name__}) is not allowed; expected "
+                              f"{_describe(hints[f.name])} ({rules['help']})")
+        if value is None:
+            continue
+        if "choices" in rules and value not in rules["choices"]:
+            allowed = ", ".join(map(str, rules["choices"]))
+            raise ConfigError(f"option {f.name}: {value!r} is not allowed; choose one of {allowed}")
+        if "min" in rules and value < rules["min"]:
+            raise ConfigError(f"option {f.name}: {value!r} is not allowed; it must be >= {rules['min']}")
+        if "max" in rules and value > rules["max"]:
+            raise ConfigError(f"option {f.name}: {value!r} is not allowed; it must be <= {rules['max']}")
+    known = {f.name for f in fields(PerturbationConfig)} - {"kind"}
+    unknown = sorted(set(config.perturbation_options) - known)
+    if unknown:
+        raise ConfigError(f"option perturbation_options: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    try:
+        config.perturbation_config()
+    except ValueError as exc:
+        raise ConfigError(f"option perturbation_options: {exc}") from exc
+    for key in config.label_names:
+        try:
+            int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option label_names: key {key!r} is not a label value (an integer)") from None
+    if config.samples * config.draws < 2:
+        raise ConfigError("options samples x draws must be at least 2 to estimate a spread")
+    if config.method == "mc-dropout" and config.draws > 1:
+        raise ConfigError("option draws: MC-dropout already draws one prediction per sample; leave draws at 1")
+
+
+def options_help() -> str:
+    """Every config-file option with its type and meaning (for ``equiqc options`` and the docs)."""
+    hints = typing.get_type_hints(RunConfig)
+    lines = []
+    for f in fields(RunConfig):
+        if f.metadata.get("internal"):
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        lines.append(f"{f.name:20s} {_describe(hints[f.name])}; default {default!r}: {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -93,23 +185,26 @@ def load_config_file(path: str | Path) -> dict:
     try:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({exc})") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in (data or {}).items()}
-    known = {f.name for f in fields(RunConfig)}
+    known = {f.name for f in fields(RunConfig) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
     return data
 
 
-def make_config(file: str | Path | None = None, **overrides) -> RunConfig:
+def make_config(file: str | Path | None = None, model_options: dict | None = None, **overrides) -> RunConfig:
     """Defaults <- the model's defaults (:data:`MODEL_DEFAULTS`) <- config file <- overrides (``None`` values
-    in overrides are ignored)."""
+    in overrides are ignored). ``model_options`` from flags are merged into the file's ``model_options``."""
     data = load_config_file(file) if file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if model_options:
+        if not isinstance(data.get("model_options", {}), dict):
+            raise ConfigError(f"option model_options: expected a mapping, got {data['model_options']!r}")
+        data["model_options"] = {**data.get("model_options", {}), **model_options}
     data = {**MODEL_DEFAULTS.get(str(data.get("model", "default")), {}), **data}
-    try:
-        return RunConfig(**data)
-    except TypeError as exc:
-        raise ConfigError(f"bad configuration: {exc}") from exc
+    return RunConfig(**data)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
-from pipeline.perturbations import rotation_matrices
-from pipeline.scores import auroc
-from storage.manifest import write_manifest
-from storage.nifti import save_volume
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.perturbations import rotation_matrices
+from equiqc.pipeline.scores import auroc
+from equiqc.storage.manifest import write_manifest
+from equiqc.storage.nifti import save_volume
 
 FAILURE_KINDS = ("extreme_deformation", "large_rotation", "corrupted", "wrong_image")
 LABEL_NAMES = {1: "csf", 2: "gm", 3: "wm"}
@@ -47,7 +47,7 @@ class DemoCohort:
 def _templates(atlas: str = "mni"):
     """(T1, affine, brain mask, tissue/structure labels) of the demo's atlas: ``mni`` or ``multipropreg``."""
     if atlas == "multipropreg":
-        from pipeline.backends.multipropreg import load_atlas
+        from equiqc.pipeline.backends.multipropreg import load_atlas
 
         t1, seg, affine = load_atlas()  # its true LIA affine, not the files' identity header
         return t1, affine, t1 > 0.05, seg
@@ -186,7 +186,7 @@ def demo_summary(rows: list[dict], truth: dict[str, str]) -> dict:
     err = np.array([r.get("true_error_mean_mm", np.nan) for r in done], float)
     ok = np.isfinite(unc) & np.isfinite(err)
     if ok.sum() >= 3:
-        from pipeline.scores import spearman
+        from equiqc.pipeline.scores import spearman
 
         out["pair_spearman_uncertainty_vs_error"] = spearman(unc[ok], err[ok])
     vox = np.array([r.get("voxel_spearman_std_error", np.nan) for r in done], float)

@@ -28,9 +28,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from scipy.ndimage import uniform_filter  # noqa: E402
 
-from pipeline import transforms as T  # noqa: E402
-from storage.cohort import read_pair  # noqa: E402
-from storage.results import read_array  # noqa: E402
+from equiqc.pipeline import transforms as T  # noqa: E402
+from equiqc.storage.cohort import read_pair  # noqa: E402
+from equiqc.storage.results import read_array  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
 COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "uncertainty_mean_mm", "uncertainty_p95_mm",

@@ -5,7 +5,8 @@ Output folder layout (``DIR``)::
     DIR/cohort.zarr      ingested pairs (storage.cohort)
     DIR/results.zarr     per-pair results with completion markers (storage.results)
     DIR/report.parquet   one row per manifest row; DIR/subjects.parquet worst pair per subject
-    DIR/run.json         the manifest path and configuration of the run (``equiqc report`` reads it)
+    DIR/run.json         the manifest path, configuration, result key and provenance of the run
+                         (``equiqc report`` reads it; provenance: see equiqc.workflows.provenance)
     DIR/.equiqc.lock     held while a run writes here
 
 The graph is built with ``client.submit``: each pair's estimation task depends on its ingest task, so a
@@ -16,8 +17,11 @@ the same command skips pairs whose completion marker matches (resume).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -25,26 +29,26 @@ from pathlib import Path
 
 from distributed import as_completed
 
-from pipeline.scores import cohort_scores
-from storage.manifest import PairSpec, read_manifest
-from storage.report import write_report
-from workflows.cluster import ClusterHandle, make_cluster
-from workflows.config import ConfigError, RunConfig
-from workflows.tasks import estimate_task, ingest_task
-
-
-class RunLocked(RuntimeError):
-    """Another run is writing to the same output folder."""
+from equiqc.pipeline.scores import cohort_scores
+from equiqc.storage.locks import Lease, shard_scope
+from equiqc.storage.manifest import PairSpec, read_manifest
+from equiqc.storage.report import write_report
+from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
+from equiqc.workflows.cluster import ClusterHandle, make_cluster
+from equiqc.workflows.config import ConfigError, RunConfig
+from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
+from equiqc.workflows.tasks import estimate_task, ingest_task
 
 
 @dataclass
 class RunSummary:
     rows: list[dict]
-    report: Path
+    report: Path | None  # None for a shard: `equiqc report DIR` merges every shard once all have run
     seconds: float
     computed: int = 0
     dashboard: str | None = None
     html: Path | None = None
+    shard: tuple[int, int] | None = None
 
     @property
     def failed(self) -> list[dict]:
@@ -53,44 +57,6 @@ class RunSummary:
     @property
     def flagged(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == "complete" and r.get("flagged")]
-
-
-class OutputLock:
-    """An exclusive lock file in the output folder; a lock left by a dead process is taken over."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / ".equiqc.lock"
-
-    def __enter__(self) -> OutputLock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise RunLocked(f"{self.path.parent} is in use by another equiqc run (pid {pid}); wait for it "
-                                    "to finish or use another --out folder") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-        raise RunLocked(f"could not lock {self.path}")
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Progress:
@@ -107,14 +73,13 @@ class Progress:
               file=self.stream, flush=True)
 
 
-def _html(out_dir: Path, config: RunConfig, seconds: float | None, log) -> Path | None:
+def _html(out_dir: Path, config: RunConfig, provenance: dict, log) -> Path | None:
     """Write report.html; a failure here is reported but never costs the Parquet report."""
-    from workflows.html_report import write_html_report
+    from equiqc.workflows.html_report import write_html_report
 
     meta = {"model": config.model, "method": config.method, "perturbation": config.perturbation_config().kind,
             "K": config.samples, "seed": config.seed}
-    if seconds is not None:
-        meta["run time (s)"] = round(seconds, 1)
+    meta.update(provenance_summary(provenance))
     try:
         return write_html_report(out_dir, threshold=config.z_threshold, meta=meta)
     except Exception as exc:
@@ -122,51 +87,156 @@ def _html(out_dir: Path, config: RunConfig, seconds: float | None, log) -> Path 
         return None
 
 
-def check_previous_run(out_dir: Path, config: RunConfig) -> None:
-    """Refuse to mix results of another configuration into ``out_dir`` unless overwriting."""
+def provenance_summary(provenance: dict) -> dict:
+    """The provenance fields shown in report.html's header, as short strings."""
+    model = provenance.get("model") or {}
+    sha = model.get("weights_sha256")
+    return {"equiqc": f"{provenance.get('equiqc_version')} ({provenance.get('equiqc_commit') or 'commit unknown'})",
+            "torch": f"{provenance.get('torch')} (CUDA {provenance.get('cuda') or 'none'})",
+            "devices": ", ".join(provenance.get("devices") or []) or "unknown",
+            "host": provenance.get("host"), "started": provenance.get("started"),
+            "finished": provenance.get("finished"), "command": provenance.get("command_line"),
+            "weights": f"{model.get('weights_path') or 'none'} (sha256 {sha[:16] + '...' if sha else 'n/a'})"}
+
+
+def check_previous_run(out_dir: Path, config: RunConfig, log=print) -> None:
+    """Refuse to mix results of another configuration into ``out_dir`` unless overwriting. A previous run of the
+    same configuration whose weights file or numerics changed is not refused: its pairs are stale and are
+    recomputed (said in the log)."""
     previous = out_dir / "run.json"
     if not previous.exists() or config.overwrite:
         return
     old = json.loads(previous.read_text()).get("result_key")
-    if old is not None and old != config.result_key():
-        diff = [k for k in config.result_key() if old.get(k) != config.result_key()[k]]
-        raise ConfigError(f"{out_dir} holds results of another configuration (differs in: {', '.join(diff)}); "
-                          "use a new --out folder or add --overwrite to replace them")
+    if old is None:
+        return
+    diff = differing_keys(old, config.result_key())
+    if diff - RECOMPUTE_KEYS:
+        raise ConfigError(f"{out_dir} holds results of another configuration (differs in: "
+                          f"{', '.join(sorted(diff - RECOMPUTE_KEYS))}); use a new --out folder or add --overwrite "
+                          "to replace them")
+    if diff:
+        log(f"equiqc: {out_dir} was computed with other {' and '.join(sorted(diff))}; every pair is recomputed")
 
 
-def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig,
-               handle: ClusterHandle | None = None, log=print) -> RunSummary:
-    """Run (or resume) the whole cohort; returns the rows written to the report."""
-    specs = read_manifest(manifest)  # ManifestError stops everything before any work
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` (1 <= I <= N) -> ``(I, N)``; ``None`` stays ``None``. ConfigError for anything else."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ConfigError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. --shard 3/10 "
+                          "(SLURM: --shard $((SLURM_ARRAY_TASK_ID))/N)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_of(pair_id: str, n: int) -> int:
+    """The shard (1..n) a pair belongs to: a hash of its id, so a pair's shard does not depend on the manifest's
+    order or on other rows (adding pairs never moves existing ones between shards)."""
+    return int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "little") % n + 1
+
+
+def select_shard(specs: list[PairSpec], shard: tuple[int, int] | None) -> list[PairSpec]:
+    if shard is None:
+        return specs
+    return [s for s in specs if shard_of(s.pair_id, shard[1]) == shard[0]]
+
+
+def _prepare(manifest: str | Path, config: RunConfig, shard: tuple[int, int] | None):
+    """Everything checked before any work: the manifest, the shard, the model (loaded once here)."""
+    specs = select_shard(read_manifest(manifest), shard)  # ManifestError stops everything before any work
+    model = probe_model(config)  # ConfigError stops everything before any work
+    return specs, model, dataclasses.replace(config, weights_sha256=model.weights_sha256)
+
+
+def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, handle: ClusterHandle | None = None,
+               log=print, argv: list[str] | None = None, shard: tuple[int, int] | None = None) -> RunSummary:
+    """Run (or resume) the whole cohort, or shard ``(I, N)`` of it; returns the rows computed or found.
+
+    Before any work: the manifest is read and checked, and the model is loaded once here (ConfigError for an
+    unknown model, missing weights, a bad model option or ``draws > 1`` on a deterministic model). A shard
+    writes its pairs' results and no report: ``equiqc report DIR`` merges every shard's results into one."""
+    specs, model, config = _prepare(manifest, config, shard)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with OutputLock(out_dir):
-        check_previous_run(out_dir, config)
-        (out_dir / "run.json").write_text(json.dumps(
-            {"manifest": str(Path(manifest).resolve()), "config": config.to_dict(),
-             "result_key": config.result_key()}, indent=2))
+    with Lease(out_dir, shard_scope(shard)):
+        check_previous_run(out_dir, config, log)
+        started = now_utc()
         own = handle is None
         handle = handle or make_cluster(config)
         try:
+            provenance = environment(model, list(handle.client.run(device_description).values()), started, argv)
+            record = {"manifest": str(Path(manifest).resolve()), "config": config.to_dict(),
+                      "result_key": config.result_key(), "provenance": provenance}
+            _write_json_atomic(out_dir / "run.json", record)
             if handle.dashboard:
                 log(f"Dask dashboard: {handle.dashboard}")
             rows = _execute(specs, out_dir, config, handle)
         finally:
             if own:
                 handle.close()
+        provenance["finished"] = now_utc()
+        _write_json_atomic(out_dir / "run.json", record)
         computed = sum(1 for r in rows if r.pop("_computed", False))
+        if shard is not None:
+            return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard)
         rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
-        report, _ = write_report(rows, out_dir)
-        html_path = _html(out_dir, config, time.perf_counter() - start, log)
+        report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
+        html_path = _html(out_dir, config, provenance, log)
     return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
+
+
+def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
+             shard: tuple[int, int] | None = None) -> str:
+    """What ``equiqc run`` would do, as text: pairs to compute and already complete, the cluster and (jobqueue)
+    its rendered job script. Reads the inputs (to hash them) and the stores; starts no worker and no job."""
+    from equiqc.storage import results as R
+    from equiqc.storage.cohort import input_hashes, pair_status
+    from equiqc.workflows.cluster import cluster_kwargs, job_script, uses_gpu
+
+    specs, model, config = _prepare(manifest, config, shard)
+    out_dir = Path(out_dir)
+    key, complete, unreadable = config.result_key(), [], []
+    for spec in specs:
+        try:
+            _, input_hash = input_hashes(spec)
+        except OSError:
+            unreadable.append(spec.pair_id)
+            continue
+        stored = pair_status(out_dir / "cohort.zarr", spec.pair_id) if (out_dir / "cohort.zarr").exists() else {}
+        if stored.get("input_hash") == input_hash and R.status(out_dir / "results.zarr", spec.pair_id, key,
+                                                                input_hash) == "complete":
+            complete.append(spec.pair_id)
+    todo = len(specs) - len(complete)
+    lines = [f"manifest: {Path(manifest).resolve()}" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""),
+             f"output: {out_dir.resolve()}",
+             f"model: {model.name} (weights {model.weights_path or 'none'}, sha256 {model.weights_sha256 or 'n/a'})",
+             f"pairs: {len(specs)}: {todo} to compute, {len(complete)} already complete"
+             + (f", {len(unreadable)} with unreadable input files" if unreadable else "")]
+    if config.scheduler:
+        lines.append(f"cluster: the existing scheduler {config.scheduler}"
+                     + (" (tasks ask for GPU=1: its workers must advertise it)" if uses_gpu(config) else ""))
+    else:
+        kind, kwargs = cluster_kwargs(config)
+        jobs = f", {config.workers or 1} job(s)" if kind in ("slurm", "pbs") else ""
+        lines.append(f"cluster: {kind}{jobs}, GPU tasks: {'yes' if uses_gpu(config) else 'no'}, options {kwargs}")
+        script = job_script(config)
+        if script:
+            lines += ["job script (one per job; not submitted):", script]
+    return "\n".join(lines)
 
 
 def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: ClusterHandle) -> list[dict]:
     client = handle.client
     store, results = str(out_dir / "cohort.zarr"), str(out_dir / "results.zarr")
-    from storage.cohort import open_cohort
-    from storage.results import open_results
+    from equiqc.storage.cohort import open_cohort
+    from equiqc.storage.results import open_results
 
     open_cohort(store)  # create the groups once, before workers write pairs into them
     open_results(results)
@@ -198,9 +268,12 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
 
 
 def rebuild_report(out_dir: str | Path) -> RunSummary:
-    """Rebuild ``report.parquet`` from the stored results and ingest records of a run folder (no compute)."""
-    from storage.cohort import IngestOutcome, pair_status
-    from workflows.tasks import base_row, row_from_marker
+    """Rebuild ``report.parquet`` from the stored results and ingest records of a run folder (no compute).
+
+    This is also how the shards of a job array are merged: every shard writes into the same stores."""
+    from equiqc.storage import results as R
+    from equiqc.storage.cohort import IngestOutcome, pair_status
+    from equiqc.workflows.tasks import base_row, row_from_marker
 
     out_dir = Path(out_dir)
     run = out_dir / "run.json"
@@ -208,21 +281,23 @@ def rebuild_report(out_dir: str | Path) -> RunSummary:
         raise ConfigError(f"{out_dir} has no run.json; it is not an equiqc run folder (run `equiqc run` first)")
     info = json.loads(run.read_text())
     config = RunConfig(**info["config"])
+    provenance = {**info.get("provenance", {}), "report_rebuilt": now_utc()}
     start = time.perf_counter()
     rows = []
     for spec in read_manifest(info["manifest"]):
         attrs = pair_status(out_dir / "cohort.zarr", spec.pair_id)
         outcome = IngestOutcome(spec.pair_id, "failed" if attrs.get("status") == "failed" else "ingested",
                                 attrs.get("error"), attrs.get("input_hash"))
-        row = None
+        row, failure = None, None
         if attrs.get("status") == "ok":
             row = row_from_marker(outcome, spec.subject_id, str(out_dir / "results.zarr"), config)
+            failure = R.read_failure(out_dir / "results.zarr", spec.pair_id, config.result_key(), outcome.input_hash)
         if row is None:
-            error = attrs.get("error") if attrs.get("status") == "failed" else (
+            error = attrs.get("error") if attrs.get("status") == "failed" else failure["error"] if failure else (
                 "no complete result; run `equiqc run` again to compute it")
             row = {**base_row(outcome, spec.subject_id, config), "status": "failed", "error": error}
         row.pop("_computed", None)
         rows.append(row)
     rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
-    report, _ = write_report(rows, out_dir)
-    return RunSummary(rows, report, time.perf_counter() - start, html=_html(out_dir, config, None, print))
+    report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
+    return RunSummary(rows, report, time.perf_counter() - start, html=_html(out_dir, config, provenance, print))

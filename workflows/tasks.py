@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import math
 import time
-from importlib.metadata import PackageNotFoundError, version
+import traceback
 
 import numpy as np
 import torch
 
-from pipeline.backends.registry import load_backend
-from pipeline.estimator import estimate_uncertainty
-from pipeline.perturbations import pair_seed
-from pipeline.scores import pair_summary
-from storage import results as R
-from storage.cohort import IngestOutcome, ingest_pair, read_pair
-from storage.manifest import PairSpec
-from workflows.config import RunConfig
+import equiqc
+from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.estimator import estimate_uncertainty
+from equiqc.pipeline.perturbations import pair_seed
+from equiqc.pipeline.scores import pair_summary
+from equiqc.storage import results as R
+from equiqc.storage.cohort import IngestOutcome, ingest_pair, read_pair
+from equiqc.storage.manifest import PairSpec
+from equiqc.workflows.config import RunConfig
 
 _BACKENDS: dict = {}
-
-
-def package_version() -> str:
-    try:
-        return version("equiqc")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def worker_device() -> str:
@@ -104,9 +98,14 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         summary = pair_summary(result, src.affine, region, label_masks(stored, config), truth)
         runtime = time.perf_counter() - start
         R.write_result(results_root, outcome.pair_id, result, tgt.affine, key, outcome.input_hash,
-                       extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": package_version(),
+                       extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
                               "timings_s": result.timings_s, "source_affine": src.affine.tolist()},
                        overwrite=config.overwrite)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception as exc:  # one bad pair never stops the cohort: report it and carry on
-        return {**row, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "_computed": True}
+        error = f"{type(exc).__name__}: {exc}"
+        try:  # kept in the result store, so `equiqc report` (of every shard) still gives the reason
+            R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, traceback.format_exc())
+        except Exception:  # the store itself is failing: the row below still carries the error
+            pass
+        return {**row, "status": "failed", "error": error, "_computed": True}

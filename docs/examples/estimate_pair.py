@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
-from pipeline.backends.affine_opt import AffineOptimisation
-from pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from pipeline.perturbations import PerturbationConfig
-from pipeline.scores import map_error_mm
-from storage.nifti import load_volume, save_volume
-from workflows.demo import rigidly_moved
+from equiqc.pipeline.backends.affine_opt import AffineOptimisation
+from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
+from equiqc.pipeline.perturbations import PerturbationConfig
+from equiqc.pipeline.scores import map_error_mm
+from equiqc.storage.nifti import load_volume, save_volume
+from equiqc.workflows.demo import rigidly_moved
 
 
 def make_pair(out: Path) -> tuple[Path, Path, np.ndarray]:

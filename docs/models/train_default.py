@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
-from pipeline.backends.default_net import NET_SHAPE, DefaultNet
-from pipeline.backends.module import percentile_normalise as normalise
-from pipeline.perturbations import rotation_matrices
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.default_net import NET_SHAPE, DefaultNet
+from equiqc.pipeline.backends.module import percentile_normalise as normalise
+from equiqc.pipeline.perturbations import rotation_matrices
 
 CONFIG = {"channels": (16, 32, 32, 32, 32), "dropout": 0.1, "steps": 6}
 

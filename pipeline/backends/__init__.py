@@ -1,5 +1,5 @@
-"""Registration model adapters behind one protocol (:class:`pipeline.backends.base.RegistrationBackend`)."""
+"""Registration model adapters behind one protocol (:class:`equiqc.pipeline.backends.base.RegistrationBackend`)."""
 
-from pipeline.backends.base import RegistrationBackend, check_prediction
+from equiqc.pipeline.backends.base import RegistrationBackend, check_prediction
 
 __all__ = ["RegistrationBackend", "check_prediction"]

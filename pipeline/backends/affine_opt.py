@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
+from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 

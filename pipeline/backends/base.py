@@ -32,6 +32,8 @@ class RegistrationBackend(Protocol):
             estimator then runs several draws per perturbation and splits the variance.
         input_shape: the fixed spatial shape the network itself consumes (after the adapter's own
             resampling), or ``None`` when any shape works. Informational: adapters resample internally.
+        weights_path: optional; the file the model's weights were read from. When present, a run records
+            its sha256 in its provenance and in every pair's result key (so replacing the file recomputes).
     """
 
     name: str

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import transforms as T
+from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 

@@ -6,7 +6,7 @@ their 99.5th percentile; a 5-level U-Net (16-32-32-32-32 channels) with 3D dropo
 MC-dropout) predicts a stationary velocity field at half resolution, integrated by scaling and squaring
 and upsampled: a diffeomorphic map on the network grid (voxel units of the network grid).
 
-Adapter (``load_default``): a :class:`~pipeline.backends.module.ModuleBackend` that resamples each image
+Adapter (``load_default``): a :class:`~equiqc.pipeline.backends.module.ModuleBackend` that resamples each image
 to the network grid in voxel-index space (first and last voxel centres aligned), runs the network, and
 converts the map back to DESIGN's convention on the original target grid, in source voxel units:
 ``phi(y) = S_src^-1 phi_net(S_tgt y)`` with ``S`` the index scaling of each image onto the network grid.
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import transforms as T
-from pipeline.backends.conventions import OutputConvention
-from pipeline.backends.module import ModuleBackend, percentile_normalise
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.conventions import OutputConvention
+from equiqc.pipeline.backends.module import ModuleBackend, percentile_normalise
 
 Tensor = torch.Tensor
 NET_SHAPE = (96, 112, 96)
@@ -84,4 +84,5 @@ def load_default(weights: str | Path | None = None, device: str | torch.device =
     net = DefaultNet(**state.get("config", {}))
     net.load_state_dict(state["model"], strict=True)
     return ModuleBackend(net, "default", OutputConvention("map", "voxel", "ij"), input_shape=NET_SHAPE,
-                         align_corners=True, intensity=percentile_normalise, device=device, mc_dropout=mc_dropout)
+                         align_corners=True, intensity=percentile_normalise, device=device, mc_dropout=mc_dropout,
+                         weights_path=path)

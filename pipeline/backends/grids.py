@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
+from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 

@@ -5,6 +5,12 @@ Their conventions, as the packages implement them (icon_registration 1.1.x, unig
 * input: both images resampled to 175^3 in index space with ``align_corners=False`` (what
   ``icon_registration.itk_wrapper.register_pair`` does), intensities in [0, 1] by modality:
   CT clipped to [-1000, 1000] HU, MRI clipped to [min, 99th percentile] (``unigradicon.preprocess``);
+* array order: ``register_pair`` passes ``np.array(itk_image)``, the file's storage axes *reversed*: for an
+  RAS-stored NIfTI the network sees axes (S, A, R). equiqc first reorients every image to RAS+ (so its result
+  does not depend on how a file is stored) and then hands the network that same ``SAR`` layout
+  (:data:`REFERENCE_LAYOUT`, :mod:`equiqc.pipeline.backends.layout`): for RAS-stored files the prediction
+  equals the reference's (``tests/test_model_fidelity.py``); for other storage orders the reference itself
+  changes with the storage (it lines images up by array index), equiqc does not;
 * output: ``phi_AB_vectorfield`` on B's (target) grid, coordinates of A (source) in [0, 1] units
   (0 = first voxel centre, 1 = last), channel d = array axis d: ``map/unit/ij``.
 
@@ -22,11 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.backends.conventions import OutputConvention
-from pipeline.backends.module import ModuleBackend
+from equiqc.pipeline.backends.conventions import OutputConvention
+from equiqc.pipeline.backends.module import ModuleBackend
 
 Tensor = torch.Tensor
 ICON_SHAPE = (175, 175, 175)
+# What `register_pair` hands the network for an RAS-stored NIfTI: np.array(itk_image), the file's axes reversed.
+REFERENCE_LAYOUT = "SAR"
 RELEASES = {
     "unigradicon": "https://github.com/uncbiag/uniGradICON/releases/download/unigradicon_weights/Step_2_final.trch",
     "multigradicon": "https://github.com/uncbiag/uniGradICON/releases/download/multigradicon_weights/Step_2_final.trch",
@@ -76,7 +84,7 @@ def build_network(input_shape: Sequence[int] = ICON_SHAPE) -> nn.Module:
 
 def load_icon(kind: str = "unigradicon", weights: str | Path | None = None, device: str | torch.device = "cpu",
               modality: str = "mri", input_shape: Sequence[int] = ICON_SHAPE, random_weights: bool = False,
-              mc_dropout: bool = False) -> ModuleBackend:
+              mc_dropout: bool = False, layout: str = REFERENCE_LAYOUT) -> ModuleBackend:
     """uniGradICON/multiGradICON backend. ``random_weights`` is for tests of shapes and conventions only."""
     if kind not in RELEASES:
         raise ValueError(f"unknown ICON model {kind!r}; choose unigradicon or multigradicon")
@@ -92,4 +100,4 @@ def load_icon(kind: str = "unigradicon", weights: str | Path | None = None, devi
         net.regis_net.load_state_dict(state, strict=True)
     return ModuleBackend(IconNet(net), kind, OutputConvention("map", "unit", "ij"), input_shape=input_shape,
                          align_corners=False, intensity=icon_normalise(modality), device=device,
-                         mc_dropout=mc_dropout)
+                         mc_dropout=mc_dropout, weights_path=None if random_weights else weights, layout=layout)

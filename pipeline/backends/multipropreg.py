@@ -8,7 +8,12 @@ with ``strict=False`` into other classes and silently leaves tensors random).
 
 Conventions: the network takes source and target at 160 x 192 x 224 voxels of 1 mm (skull-stripped,
 intensities in [0, 1]) and returns ``(warped, flow, ...)`` with ``flow`` a voxel displacement, channel i =
-array axis i, ``warped = src o (id + flow)``: ``displacement/voxel/ij``.
+array axis i. Its own ``SpatialTransformer`` (how the package warps images and segmentations, and how the
+network was trained) normalises ``p = id + flow`` by ``n - 1`` but samples with ``grid_sample``'s default
+``align_corners=False``, so the voxel it reads is ``p * n / (n - 1) - 0.5`` per axis, not ``p`` (up to half a
+voxel apart at the grid's edges, 0 at its centre). The adapter returns those sampling positions
+(:func:`package_sampling_positions`): the registration the package itself applies
+(``tests/test_model_fidelity.py`` checks the map and the warped image against the package's forward).
 
 Orientation: the network was trained in the array layout of the package's atlas, FreeSurfer's conformed
 **LIA** layout (array axis 0 runs to the subject's left, axis 1 to inferior, axis 2 to anterior), although
@@ -34,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import transforms as T
-from pipeline.backends.module import enable_mc_dropout
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.module import enable_mc_dropout
 
 Tensor = torch.Tensor
 NET_SHAPE = (160, 192, 224)
@@ -106,6 +111,13 @@ def net_grid_affine(target_shape, target_affine: Tensor) -> Tensor:
     return n
 
 
+def package_sampling_positions(p: Tensor) -> Tensor:
+    """``id + flow`` (net voxels) -> the voxel the package's SpatialTransformer actually samples: it normalises by
+    ``n - 1`` and calls ``grid_sample`` with ``align_corners=False``, i.e. reads ``p * n / (n - 1) - 0.5``."""
+    n = torch.tensor(p.shape[2:], dtype=p.dtype, device=p.device).view(1, -1, *([1] * (p.dim() - 2)))
+    return p * n / (n - 1) - 0.5
+
+
 def _minmax(x: Tensor) -> Tensor:
     flat = x.flatten(1)
     lo, hi = flat.amin(1).view(-1, 1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1, 1)
@@ -125,6 +137,7 @@ class MultiPropRegBackend:
             raise FileNotFoundError(f"MultiPropReg weights not found: {path}; pip install 'equiqc[multipropreg]' "
                                     "or pass --weights PATH/pretrained_model_epoch400.ckpt")
         self.device = torch.device(device)
+        self.weights_path = path
         self.net = build_network()
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)  # any missing or unexpected key is an error
@@ -144,12 +157,15 @@ class MultiPropRegBackend:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flow = self.net(src, tgt)[1]
-        phi_net = T.displacement_to_map(flow.float())  # net grid -> net grid (voxels)
+        phi_net = package_sampling_positions(T.displacement_to_map(flow.float()))  # net grid -> net grid (voxels)
         y_net = T.affine_map(torch.linalg.inv(n) @ a_tgt, target.shape[2:]).expand(b, -1, *target.shape[2:])
         return T.apply_affine(torch.linalg.inv(a_src) @ n, T.sample_map(phi_net, y_net))
 
 
 def load_multipropreg(weights=None, device="cpu", mc_dropout=False, **options) -> MultiPropRegBackend:
+    if options:
+        raise ValueError(f"model multipropreg takes no model options (got {', '.join(sorted(options))}); its grid "
+                         "and layout are fixed (1 mm LIA, 160 x 192 x 224)")
     backend = MultiPropRegBackend(weights, device)
     if mc_dropout:  # the shared check: this network has no dropout layer, so it raises with the reason
         enable_mc_dropout(backend.net, backend.name)

@@ -5,7 +5,7 @@ Built in: ``default`` (the shipped network), ``affine-opt`` (classical affine ba
 ``python:package.module:factory``. Other packages add backends without editing equiqc through the
 entry-point group ``equiqc.backends``: an entry point ``name = package.module:factory`` makes
 ``--model name`` call ``factory(weights=..., device=..., mc_dropout=..., **options)``, which returns an
-object implementing :class:`~pipeline.backends.base.RegistrationBackend`. In-process,
+object implementing :class:`~equiqc.pipeline.backends.base.RegistrationBackend`. In-process,
 :func:`register_backend` does the same.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from pipeline.backends.base import RegistrationBackend
+from equiqc.pipeline.backends.base import RegistrationBackend
 
 Factory = Callable[..., RegistrationBackend]
 _REGISTRY: dict[str, Factory] = {}
@@ -28,11 +28,15 @@ def register_backend(name: str, factory: Factory) -> None:
 
 def _builtin(name: str) -> Factory | None:
     if name == "default":
-        from pipeline.backends.default_net import load_default
+        from equiqc.pipeline.backends.default_net import load_default
 
-        return lambda weights=None, device="cpu", mc_dropout=False, **o: load_default(weights, device, mc_dropout)
+        def default(weights=None, device="cpu", mc_dropout=False, **options):
+            _no_options("default", options)
+            return load_default(weights, device, mc_dropout)
+
+        return default
     if name == "affine-opt":
-        from pipeline.backends.affine_opt import AffineOptimisation
+        from equiqc.pipeline.backends.affine_opt import AffineOptimisation
 
         def affine(weights=None, device="cpu", mc_dropout=False, **options):
             if mc_dropout:
@@ -41,15 +45,22 @@ def _builtin(name: str) -> Factory | None:
 
         return affine
     if name == "multipropreg":
-        from pipeline.backends.multipropreg import load_multipropreg
+        from equiqc.pipeline.backends.multipropreg import load_multipropreg
 
         return load_multipropreg
     if name in ("unigradicon", "multigradicon"):
-        from pipeline.backends.icon import load_icon
+        from equiqc.pipeline.backends.icon import load_icon
 
         return lambda weights=None, device="cpu", mc_dropout=False, **o: load_icon(
             name, weights, device, mc_dropout=mc_dropout, **o)
     return None
+
+
+def _no_options(name: str, options: dict) -> None:
+    """Built-in models whose network is fixed take no model options: refuse them rather than ignore them."""
+    if options:
+        raise ValueError(f"model {name} takes no model options (got {', '.join(sorted(options))}); its input "
+                         "grid, layout and output convention are fixed (see docs/models/)")
 
 
 def available() -> list[str]:
@@ -63,11 +74,11 @@ def load_backend(spec: str, weights: str | None = None, device: str = "cpu", mc_
                  **options) -> RegistrationBackend:
     """Build the backend named by ``spec`` on ``device``; ``options`` go to its factory."""
     if spec.startswith("torchscript:"):
-        from pipeline.backends.module import load_torchscript
+        from equiqc.pipeline.backends.module import load_torchscript
 
         return load_torchscript(spec.split(":", 1)[1], device=device, mc_dropout=mc_dropout, **options)
     if spec.startswith("python:"):
-        from pipeline.backends.module import load_python_factory
+        from equiqc.pipeline.backends.module import load_python_factory
 
         return load_python_factory(spec.split(":", 1)[1], device=device, mc_dropout=mc_dropout, **options)
     factory = _REGISTRY.get(spec) or _builtin(spec)

@@ -1,0 +1,14 @@
+"""The version of equiqc's numerics: bump :data:`NUMERICS_VERSION` in any change that alters stored results
+(estimator, perturbation sampling, adapters' resampling, summaries).
+
+It is part of every pair's result key (``RunConfig.result_key``), so a resumed run never mixes results
+computed by different numerics in one cohort: after an upgrade that bumps it, every pair is recomputed
+(or, without ``--overwrite``, the run refuses to mix). A release that changes no numbers keeps it, and
+resume keeps working across that upgrade.
+
+History: 1 = the estimator as of the first cohort runs (float32 centred sums merged in float64).
+2 = uniGradICON/multiGradICON see the reference's array layout (SAR); MultiPropReg's map is the sampling
+positions of the package's own warp (align_corners=False).
+"""
+
+NUMERICS_VERSION = 2
