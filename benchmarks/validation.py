@@ -36,9 +36,10 @@ import torch
 
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.backends.registry import load_backend
+from equiqc.pipeline.decision import decide
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
 from equiqc.pipeline.perturbations import KINDS, PerturbationConfig
-from equiqc.pipeline.scores import auroc, cohort_scores, map_error_mm, pair_summary, spearman
+from equiqc.pipeline.scores import auroc, map_error_mm, pair_summary, spearman
 from equiqc.workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
@@ -86,7 +87,7 @@ def validation_table(name: str, gt: str, model, pairs, t1, affine, brain, args, 
             rows.append({"status": "complete", "pair": i, **summary})
             print(f"  {name} {gt} {kind} pair {i + 1}/{len(pairs)}: {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
-        cohort_scores(rows)
+        decide(rows)
         risk = np.array([r["risk_score"] for r in rows])
         err_mean = np.array([r["true_error_mean_mm"] for r in rows])
         tta = np.array([r["tta_error_mean_mm"] for r in rows])

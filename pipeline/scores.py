@@ -1,25 +1,18 @@
-"""Per-pair QC summaries of an uncertainty result, and cohort-level risk scores.
+"""Per-pair QC summaries of an uncertainty result, and the statistics used to judge them.
 
 Pair summaries (:func:`pair_summary`) are computed over an evaluation region of the target grid: the
 target mask when the manifest gives one, else every voxel with at least two valid samples. They are what
 the Parquet report holds per pair (all in mm unless stated).
 
-Cohort scoring (:func:`cohort_scores`): for each of ``uncertainty_mean_mm``, ``uncertainty_p95_mm`` and
-``frac_above_2mm`` a robust z-score against the cohort's complete pairs, ``z = (x - median) / (1.4826 MAD)``
-(MAD floored at 5 % of the median, so a very homogeneous cohort does not turn tiny differences into large
-scores); ``risk_score`` is the mean of the three z-scores. A pair is ``flagged`` when its risk score exceeds
-``z_threshold`` (default 3) or, whatever the cohort, its ``uncertainty_p95_mm`` exceeds ``abs_threshold_mm``
-(default 4 mm) or its prediction folds in more than ``folding_threshold`` of the region (default 1 %).
-Failed pairs get no score and are flagged (they need a look).
+The cohort decision built on these summaries (risk score, reasons, flags) is :mod:`equiqc.pipeline.decision`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from equiqc.pipeline.estimator import UncertaintyResult
-
-RISK_METRICS = ("uncertainty_mean_mm", "uncertainty_p95_mm", "frac_above_2mm")
 
 
 def _jacobian_det(phi: np.ndarray) -> np.ndarray:
@@ -71,52 +64,19 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     return out
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (ties get average ranks; scipy); NaN for fewer than 3 values or a constant input."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return float("nan")
-    return float(np.corrcoef(_rank(a), _rank(b))[0, 1])
-
-
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """``(x - median) / (1.4826 MAD)`` over the finite values; MAD floored at 5 % of |median| (and 1e-9)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.full_like(values, np.nan, dtype=np.float64)
-    med = np.median(finite)
-    mad = 1.4826 * np.median(np.abs(finite - med))
-    return (values - med) / max(mad, 0.05 * abs(med), 1e-9)
-
-
-def cohort_scores(rows: list[dict], z_threshold: float = 3.0, abs_threshold_mm: float = 4.0,
-                  folding_threshold: float = 0.01) -> list[dict]:
-    """Add ``risk_score`` and ``flagged`` to each complete row (see module docstring); returns the rows."""
-    complete = [r for r in rows if r.get("status") == "complete"]
-    if complete:
-        zs = [robust_z(np.array([r.get(m, np.nan) for r in complete], dtype=np.float64)) for m in RISK_METRICS]
-        risk = np.nanmean(np.stack(zs), axis=0) if len(complete) > 1 else np.zeros(len(complete))
-        for r, score in zip(complete, risk, strict=True):
-            r["risk_score"] = float(score)
-            r["flagged"] = bool(score > z_threshold
-                                or r.get("uncertainty_p95_mm", 0) > abs_threshold_mm
-                                or r.get("folding_fraction", 0) > folding_threshold)
-    for r in rows:
-        if r.get("status") != "complete":
-            r["risk_score"], r["flagged"] = np.nan, True
-    return rows
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for boolean ``positives`` (ties count half)."""
+    """Area under the ROC curve of ``scores`` for boolean ``positives``: the Mann-Whitney U statistic over
+    ``n_pos n_neg`` (ties count half; scipy). NaN when either class is empty or a score is not finite."""
     scores, positives = np.asarray(scores, float), np.asarray(positives, bool)
     pos, neg = scores[positives], scores[~positives]
-    if pos.size == 0 or neg.size == 0:
+    if pos.size == 0 or neg.size == 0 or not np.isfinite(scores).all():
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
+    return float(stats.mannwhitneyu(pos, neg, alternative="two-sided").statistic / (pos.size * neg.size))

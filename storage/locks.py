@@ -146,6 +146,9 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            current = self.read(self.path)
+            if current is not None and current.get("token") != self.token:
+                return  # this run was judged gone and its lease taken over: never overwrite the new holder's
             tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
             try:
                 tmp.write_text(json.dumps(self._record()))

@@ -7,8 +7,14 @@ subject_id                  string    manifest subject
 pair_id                     string    manifest pair id
 status                      string    ``complete`` or ``failed``
 error                       string    why a failed pair failed (null when complete)
-risk_score                  float64   cohort-relative risk (robust z-score, see workflows); higher = worse
-flagged                     bool      risk or absolute uncertainty above its threshold
+risk_score                  float64   log2(p95 spread / cohort median), in [-8, 8]; NaN for failed pairs
+                                      (equiqc.pipeline.decision); higher = worse
+flagged                     bool      at least one flag reason
+flag_reasons                string    comma-separated reasons (equiqc.pipeline.decision.REASONS), "" if none
+cohort_percentile           float64   percentile (0-100) of the pair's p95 spread among complete pairs
+rating                      string    a person's rating (include / exclude / unsure), null if none
+expected_error_mm           float64   calibrated expected mean error over the region (null: no calibration)
+expected_error_upper_mm     float64   its upper bound of stated coverage (null: no calibration)
 uncertainty_mean_mm         float64   mean of std_mm over the evaluation region (target mask, else FOV)
 uncertainty_median_mm       float64   median of std_mm over the region
 uncertainty_p95_mm          float64   95th percentile of std_mm over the region
@@ -46,7 +52,9 @@ META_PREFIX = "equiqc."
 
 SCHEMA: dict[str, str] = {
     "subject_id": "string", "pair_id": "string", "status": "string", "error": "string",
-    "risk_score": "float64", "flagged": "bool", "uncertainty_mean_mm": "float64",
+    "risk_score": "float64", "flagged": "bool", "flag_reasons": "string", "cohort_percentile": "float64",
+    "rating": "string", "expected_error_mm": "float64", "expected_error_upper_mm": "float64",
+    "uncertainty_mean_mm": "float64",
     "uncertainty_median_mm": "float64", "uncertainty_p95_mm": "float64", "frac_above_1mm": "float64",
     "frac_above_2mm": "float64", "folding_fraction": "float64", "n_samples": "Int64", "model": "string",
     "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64",
@@ -56,7 +64,8 @@ SCHEMA: dict[str, str] = {
 
 def build_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows -> DataFrame with the schema's columns first, in order and with their dtypes."""
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame([{**r, "flag_reasons": ",".join(r["flag_reasons"]) if isinstance(r.get("flag_reasons"), list)
+                           else r.get("flag_reasons")} for r in rows])
     for col, dtype in SCHEMA.items():
         if col not in frame:
             frame[col] = False if dtype == "bool" else None

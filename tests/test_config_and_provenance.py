@@ -35,9 +35,9 @@ BAD_VALUES = [
     ("workers", 0, "option workers: 0 is not allowed; it must be >= 1"),
     ("samples", 2.5, "option samples: 2.5 (float)"),
     ("samples", True, "option samples: True (bool)"),
-    ("z_threshold", "high", "option z_threshold: 'high' (str) is not allowed; expected a finite number"),
-    ("z_threshold", float("nan"), "option z_threshold: nan"),
-    ("abs_threshold_mm", -1, "option abs_threshold_mm: -1 is not allowed; it must be >= 0"),
+    ("tolerance_mm", "high", "option tolerance_mm: 'high' (str) is not allowed; expected a finite number"),
+    ("tolerance_mm", float("nan"), "option tolerance_mm: nan"),
+    ("fence_iqr", -1, "option fence_iqr: -1 is not allowed; it must be >= 0"),
     ("folding_threshold", 2, "option folding_threshold: 2 is not allowed; it must be <= 1"),
     ("cluster", "kubernetes", "option cluster: 'kubernetes' is not allowed; choose one of local, cuda, slurm, pbs"),
     ("perturbation", "warp", "option perturbation: 'warp' is not allowed; choose one of translation"),
@@ -63,10 +63,10 @@ def test_every_option_is_checked_against_the_schema(tmp_path, key, value, messag
 
 
 def test_good_values_pass_and_help_lists_every_user_option():
-    RunConfig(workers=None, samples=2, z_threshold=3, abs_threshold_mm=0.5, label_names={"1": "csf", 2: "gm"},
+    RunConfig(workers=None, samples=2, tolerance_mm=3, fence_iqr=0.5, label_names={"1": "csf", 2: "gm"},
               perturbation_options={"max_rotation_deg": 2})
     text = options_help()
-    assert "workers" in text and "z_threshold" in text and "weights_sha256" not in text
+    assert "workers" in text and "tolerance_mm" in text and "weights_sha256" not in text
 
 
 def test_a_config_file_cannot_set_internal_keys_or_be_a_list(tmp_path):
@@ -154,7 +154,7 @@ def small_cohort(tmp_path_factory):
     (["--weights", "/no/such/w.pt"], None, "/no/such/w.pt"),
     ([], "draws: 2\n", "draws"),
     ([], 'workers: "8"\n', "workers"),
-    ([], "z_threshold: high\n", "z_threshold"),
+    ([], "tolerance_mm: high\n", "tolerance_mm"),
 ])
 def test_a_bad_configuration_exits_2_at_once_before_any_ingest(small_cohort, tmp_path, capsys, args, config, word):
     if config:

@@ -37,6 +37,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
     p.add_argument("--workers", type=int, help="worker processes (local: default one per core), GPUs or jobs")
     p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this (memory guard)")
+    p.add_argument("--tolerance-mm", type=float, help="registration error (mm) a pair may have: above it the pair is "
+                   "flagged with reason 'uncertainty' (default 3)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace results of another configuration in the output folder")
     _model_declarations(p)
@@ -73,7 +75,8 @@ def _config(args: argparse.Namespace):
     return make_config(args.config, model_options=_model_options(args), model=args.model, weights=args.weights,
                        method=args.method, perturbation=args.perturbation, samples=args.samples,
                        batch_size=args.batch_size, seed=args.seed, cluster=args.cluster, scheduler=args.scheduler,
-                       workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite)
+                       workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
+                       tolerance_mm=args.tolerance_mm)
 
 
 def _print_run(summary) -> None:
@@ -83,14 +86,16 @@ def _print_run(summary) -> None:
     if not summary.shard:
         print(f"flagged: {len(summary.flagged)}")
     for r in sorted(summary.flagged, key=lambda r: -r["risk_score"])[:10]:
-        print(f"  {r['pair_id']}: risk {r['risk_score']:.2f}, p95 uncertainty {r['uncertainty_p95_mm']:.2f} mm")
+        print(f"  {r['pair_id']}: {','.join(r['flag_reasons'])}; risk {r['risk_score']:.2f}, "
+              f"mean / p95 uncertainty {r['uncertainty_mean_mm']:.2f} / {r['uncertainty_p95_mm']:.2f} mm")
     for r in summary.failed[:10]:
         print(f"  failed {r['pair_id']}: {r.get('error')}")
     if summary.shard:
         print(f"shard {summary.shard[0]}/{summary.shard[1]} done; once every shard has run: equiqc report OUT "
               "(merges them into one report)")
     else:
-        print(f"report: {summary.report}")
+        print(f"report: {summary.report}; decisions: {summary.report.with_name('decisions.tsv')} "
+              f"(to drop: {summary.report.with_name('exclude.tsv')})")
     if summary.html:
         print(f"report.html: {summary.html}")
 
@@ -133,7 +138,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from equiqc.workflows.run import rebuild_report
 
-    summary = rebuild_report(args.dir)
+    summary = rebuild_report(args.dir, tolerance_mm=args.tolerance_mm, ratings=args.ratings)
     _print_run(summary)
     return 0
 
@@ -220,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild the report of a run folder from its stored results")
     rep.add_argument("dir")
+    rep.add_argument("--tolerance-mm", type=float, help="re-threshold the decision: the registration error (mm) a "
+                     "pair may have (kept for later reports); nothing is recomputed")
+    rep.add_argument("--ratings", help="a TSV of people's ratings (pair_id, rating = include/exclude/unsure, rater, "
+                     "note), merged into DIR/ratings.tsv; a rating decides over the flags and stays")
     rep.set_defaults(func=_cmd_report)
 
     exp = sub.add_parser("export", help="write result arrays as NIfTI on the target's original grid")

@@ -155,6 +155,10 @@ def connect(address: str, gpu: bool, timeout_s: float = 30.0):
         raise ConfigError(f"--scheduler {address}: cannot reach the Dask scheduler ({type(exc).__name__}: {exc}); "
                           "check the address and that the scheduler runs") from exc
     if gpu:
+        try:  # workers may still be connecting to a scheduler that was just started
+            client.wait_for_workers(1, timeout=timeout_s)
+        except TimeoutError:
+            pass
         workers = client.scheduler_info().get("workers", {})
         if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
             client.close()

@@ -68,9 +68,10 @@ class RunConfig:
     max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1)
     retries: int = _opt(2, "times a task lost with its worker is retried", min=0)
     overwrite: bool = _opt(False, "replace results of another configuration in the output folder")
-    z_threshold: float = _opt(3.0, "cohort robust z-score above which a pair is flagged", min=0)
-    abs_threshold_mm: float = _opt(4.0, "p95 uncertainty (mm) above which a pair is flagged", min=0)
+    tolerance_mm: float = _opt(3.0, "registration error (mm) a pair may have: above it, reason 'uncertainty'", min=0)
     folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
+    noise_floor_mm: float = _opt(0.1, "added to the p95 spread before the cohort's log-scale context", min=0.001)
+    fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     # Filled by the run from the model it loaded, never by the user: the weights' checksum keys resume.
     weights_sha256: str | None = _opt(None, "sha256 of the model's weights file (set by the run)", internal=True)
@@ -81,6 +82,13 @@ class RunConfig:
     def perturbation_config(self) -> PerturbationConfig:
         kind = "none" if self.method == "mc-dropout" else self.perturbation
         return PerturbationConfig(kind=kind, **self.perturbation_options)
+
+    def decision_rules(self):
+        """The :class:`~equiqc.pipeline.decision.DecisionRules` of this run."""
+        from equiqc.pipeline.decision import DecisionRules
+
+        return DecisionRules(tolerance_mm=self.tolerance_mm, folding_threshold=self.folding_threshold,
+                             noise_floor_mm=self.noise_floor_mm, fence_iqr=self.fence_iqr)
 
     def estimator_config(self):
         """The :class:`~equiqc.pipeline.estimator.EstimatorConfig` of this run (imports torch)."""
@@ -159,6 +167,11 @@ def validate(config: RunConfig) -> None:
             int(key)
         except (TypeError, ValueError):
             raise ConfigError(f"option label_names: key {key!r} is not a label value (an integer)") from None
+    if config.gpus_per_worker and config.cluster in ("local", "cuda") and not config.scheduler:
+        why = ("already gives each worker one GPU" if config.cluster == "cuda"
+               else "has no GPU workers: use --cluster cuda")
+        raise ConfigError(f"option gpus_per_worker is for --cluster slurm/pbs (or --scheduler); --cluster "
+                          f"{config.cluster} {why}")
     if config.samples * config.draws < 2:
         raise ConfigError("options samples x draws must be at least 2 to estimate a spread")
     if config.method == "mc-dropout" and config.draws > 1:
@@ -175,6 +188,13 @@ def options_help() -> str:
         default = f.default_factory() if callable(f.default_factory) else f.default
         lines.append(f"{f.name:20s} {_describe(hints[f.name])}; default {default!r}: {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def config_from_record(data: dict) -> RunConfig:
+    """A RunConfig from the ``config`` of a run.json; options that no longer exist (written by an older equiqc,
+    e.g. ``z_threshold``) are dropped, since they do not change stored results."""
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in data.items() if k in known})
 
 
 def load_config_file(path: str | Path) -> dict:

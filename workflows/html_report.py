@@ -1,10 +1,11 @@
 """``report.html``: one self-contained page (images embedded as PNG data URIs, no server, no network).
 
-Contents: cohort summary; risk-score histogram with the flag threshold; uncertainty vs true error when
-ground truth is known; a sortable table of all pairs (risk first, flagged rows highlighted, failed rows
-with their error); and, for every flagged pair plus the top N by risk, three orthogonal slices through the
-region of highest uncertainty showing the target, the warped source as a checkerboard with the target,
-and the ``std_mm`` heat map (colour bar in mm), with per-structure mean uncertainty when labels exist.
+Contents: cohort summary; risk-score histogram; uncertainty vs true error when ground truth is known; a
+sortable table of all pairs (risk first, flagged rows highlighted with their reasons and any person's
+rating, failed rows with their error); and, for every flagged pair plus the top N by risk, three
+orthogonal slices through the region of highest uncertainty showing the target, the warped source as a
+checkerboard with the target, and the ``std_mm`` heat map (colour bar in mm), with per-structure mean
+uncertainty when labels exist.
 
 Display convention (arrays are RAS+): axial and coronal views are shown in neurological orientation
 (patient left on the left of the image, labelled L/R), anterior up in axial views, superior up in coronal
@@ -33,8 +34,9 @@ from equiqc.storage.cohort import read_pair  # noqa: E402
 from equiqc.storage.results import read_array  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
-COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "uncertainty_mean_mm", "uncertainty_p95_mm",
-           "frac_above_2mm", "folding_fraction", "true_error_mean_mm", "runtime_s", "error"]
+COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "uncertainty_mean_mm",
+           "uncertainty_p95_mm", "cohort_percentile", "frac_above_2mm", "folding_fraction", "true_error_mean_mm",
+           "runtime_s", "error"]
 
 
 def _png(fig) -> str:
@@ -44,12 +46,12 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def risk_histogram(frame: pd.DataFrame, threshold: float) -> str:
+def risk_histogram(frame: pd.DataFrame) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     done = frame[frame.status == "complete"]
     ax.hist(done.risk_score.dropna(), bins=max(10, len(done) // 3), color="#4c72b0")
-    ax.axvline(threshold, color="#c44e52", ls="--", label=f"flag threshold (z = {threshold:g})")
-    ax.set_xlabel("risk score (robust z)")
+    ax.axvline(0, color="#888888", ls="--", label="cohort median")
+    ax.set_xlabel("risk score: log2(p95 spread / cohort median), bounded to [-8, 8]")
     ax.set_ylabel("pairs")
     ax.legend(frameon=False)
     return _png(fig)
@@ -128,7 +130,7 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def write_html_report(out_dir: str | Path, top_n: int = 5, threshold: float = 3.0, meta: dict | None = None) -> Path:
+def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path."""
     out_dir = Path(out_dir)
     frame = pd.read_parquet(out_dir / "report.parquet")
@@ -148,7 +150,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, threshold: float = 3.
                              f"<td>{_fmt(row[c])}</td></tr>" for c in label_cols)
         table = (f"<table class='small'><tr><th>structure</th><th>mean std_mm</th></tr>{structures}</table>"
                  if structures else "")
-        flag = " <span class='flag'>flagged</span>" if row.flagged else ""
+        flag = f" <span class='flag'>flagged: {html.escape(str(row.flag_reasons))}</span>" if row.flagged else ""
         sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
                         f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
@@ -167,7 +169,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, threshold: float = 3.
     page = TEMPLATE.format(
         summary="".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in summary.items()),
         reasons=f"<ul>{reasons}</ul>" if reasons else "",
-        hist=f"<img alt='risk histogram' src='{risk_histogram(frame, threshold)}'>",
+        hist=f"<img alt='risk histogram' src='{risk_histogram(frame)}'>",
         scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
         head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)))
     path = out_dir / "report.html"

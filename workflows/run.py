@@ -5,9 +5,11 @@ Output folder layout (``DIR``)::
     DIR/cohort.zarr      ingested pairs (storage.cohort)
     DIR/results.zarr     per-pair results with completion markers (storage.results)
     DIR/report.parquet   one row per manifest row; DIR/subjects.parquet worst pair per subject
+    DIR/decisions.tsv    the decision per pair; DIR/exclude.tsv the pairs to drop; DIR/ratings.tsv people's
+                         ratings (storage.decisions)
     DIR/run.json         the manifest path, configuration, result key and provenance of the run
                          (``equiqc report`` reads it; provenance: see equiqc.workflows.provenance)
-    DIR/.equiqc.lock     held while a run writes here
+    DIR/.equiqc-locks/   the leases of the runs writing here (storage.locks)
 
 The graph is built with ``client.submit``: each pair's estimation task depends on its ingest task, so a
 pair starts as soon as its own files are in Zarr. Estimation asks for the ``GPU`` resource on GPU clusters.
@@ -29,13 +31,13 @@ from pathlib import Path
 
 from distributed import as_completed
 
-from equiqc.pipeline.scores import cohort_scores
+from equiqc.pipeline.decision import decide
 from equiqc.storage.locks import Lease, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
 from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
 from equiqc.workflows.cluster import ClusterHandle, make_cluster
-from equiqc.workflows.config import ConfigError, RunConfig
+from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
 from equiqc.workflows.tasks import estimate_task, ingest_task
 
@@ -81,7 +83,7 @@ def _html(out_dir: Path, config: RunConfig, provenance: dict, log) -> Path | Non
             "K": config.samples, "seed": config.seed}
     meta.update(provenance_summary(provenance))
     try:
-        return write_html_report(out_dir, threshold=config.z_threshold, meta=meta)
+        return write_html_report(out_dir, meta=meta)
     except Exception as exc:
         log(f"equiqc: report.html could not be written ({type(exc).__name__}: {exc}); report.parquet is complete")
         return None
@@ -186,10 +188,24 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         computed = sum(1 for r in rows if r.pop("_computed", False))
         if shard is not None:
             return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard)
-        rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
-        report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
-        html_path = _html(out_dir, config, provenance, log)
+        report, html_path = _finish(rows, specs, out_dir, config, provenance, log)
     return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
+
+
+def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunConfig, provenance: dict,
+            log) -> tuple[Path, Path | None]:
+    """The decision (reasons, risk, people's ratings) and every report file of a whole cohort."""
+    from equiqc.storage.decisions import decision_table, session_of, stored_ratings, write_decisions
+
+    decide(rows, config.decision_rules())
+    ratings = stored_ratings(out_dir)
+    sessions = {s.pair_id: session_of(s.pair_id, s.source.name) for s in specs}
+    table = decision_table(rows, ratings, sessions)
+    for row, rating in zip(rows, table["rating"], strict=True):
+        row["rating"] = rating or None
+    report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
+    write_decisions(table, out_dir)
+    return report, _html(out_dir, config, provenance, log)
 
 
 def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
@@ -267,10 +283,14 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
     return [rows[s.pair_id] for s in specs]  # manifest order
 
 
-def rebuild_report(out_dir: str | Path) -> RunSummary:
-    """Rebuild ``report.parquet`` from the stored results and ingest records of a run folder (no compute).
+def rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
+                   ratings: str | Path | None = None) -> RunSummary:
+    """Rebuild the report and decision files of a run folder from its stored results (no compute).
 
-    This is also how the shards of a job array are merged: every shard writes into the same stores."""
+    This is also how the shards of a job array are merged: every shard writes into the same stores.
+    ``tolerance_mm`` re-thresholds the decision (kept in run.json for later rebuilds; a resumed ``equiqc run``
+    uses its own options);
+    ``ratings`` (a TSV) is merged into the folder's ``ratings.tsv``, where every rating stays."""
     from equiqc.storage import results as R
     from equiqc.storage.cohort import IngestOutcome, pair_status
     from equiqc.workflows.tasks import base_row, row_from_marker
@@ -280,11 +300,20 @@ def rebuild_report(out_dir: str | Path) -> RunSummary:
     if not run.exists():
         raise ConfigError(f"{out_dir} has no run.json; it is not an equiqc run folder (run `equiqc run` first)")
     info = json.loads(run.read_text())
-    config = RunConfig(**info["config"])
+    config = config_from_record(info["config"])
+    specs = read_manifest(info["manifest"])
+    if tolerance_mm is not None:
+        config = dataclasses.replace(config, tolerance_mm=tolerance_mm)  # validated like every option
+        info["config"] = config.to_dict()
+        _write_json_atomic(run, info)
+    if ratings is not None:
+        from equiqc.storage.decisions import merge_ratings, read_ratings
+
+        merge_ratings(out_dir, read_ratings(ratings, {s.pair_id for s in specs}))
     provenance = {**info.get("provenance", {}), "report_rebuilt": now_utc()}
     start = time.perf_counter()
     rows = []
-    for spec in read_manifest(info["manifest"]):
+    for spec in specs:
         attrs = pair_status(out_dir / "cohort.zarr", spec.pair_id)
         outcome = IngestOutcome(spec.pair_id, "failed" if attrs.get("status") == "failed" else "ingested",
                                 attrs.get("error"), attrs.get("input_hash"))
@@ -298,6 +327,5 @@ def rebuild_report(out_dir: str | Path) -> RunSummary:
             row = {**base_row(outcome, spec.subject_id, config), "status": "failed", "error": error}
         row.pop("_computed", None)
         rows.append(row)
-    rows = cohort_scores(rows, config.z_threshold, config.abs_threshold_mm, config.folding_threshold)
-    report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
-    return RunSummary(rows, report, time.perf_counter() - start, html=_html(out_dir, config, provenance, print))
+    report, html_path = _finish(rows, specs, out_dir, config, provenance, print)
+    return RunSummary(rows, report, time.perf_counter() - start, html=html_path)

@@ -21,7 +21,7 @@ from equiqc.pipeline.scores import pair_summary
 from equiqc.storage import results as R
 from equiqc.storage.cohort import IngestOutcome, ingest_pair, read_pair
 from equiqc.storage.manifest import PairSpec
-from equiqc.workflows.config import RunConfig
+from equiqc.workflows.config import RunConfig, config_from_record
 
 _BACKENDS: dict = {}
 
@@ -79,7 +79,7 @@ def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, 
 def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, results_root: str,
                   config_dict: dict) -> dict:
     """Estimate one pair and write its results; returns its report row. Never raises for a bad pair."""
-    config = RunConfig(**config_dict)
+    config = config_from_record(config_dict)
     row = base_row(outcome, subject_id, config)
     if outcome.status == "failed":
         return {**row, "status": "failed", "error": outcome.error, "_computed": False}

@@ -1,0 +1,104 @@
+"""The QC decision for a cohort: bounded cohort context, a risk score, and named reasons for every flag.
+
+Pure computation on the per-pair summary rows (no I/O). Conventions (all distances in mm):
+
+* **Reasons** come from one vocabulary, :data:`REASONS`; a flagged pair lists every reason that applies:
+
+  - ``failed``: the pair has no result (ingest or estimation failed), or a summary it needs is not finite
+    although its region is not empty;
+  - ``empty_region``: the evaluation region holds no voxel with a spread (no overlap of mask and valid
+    samples): nothing can be said, so it is flagged, never passed;
+  - ``uncertainty``: the expected error is above the user's tolerance ``tolerance_mm``. With a calibration
+    the test is ``expected_error_upper_mm > tolerance_mm``; without one it is ``uncertainty_mean_mm >
+    tolerance_mm``: the spread is a lower bound of the RMS error (docs/design.md), so a pair over the
+    tolerance by its spread alone is over it;
+  - ``outlier``: ``uncertainty_p95_mm`` beyond the cohort's upper Tukey fence on a log scale,
+    ``log(x + floor) > Q3 + k IQR`` of the complete pairs' ``log(p95 + floor)`` (``noise_floor_mm``, ``fence_iqr``),
+    and at least ``min_outlier_ratio`` times the cohort median (so a very homogeneous cohort does not turn
+    tiny differences into outliers); needs at least :data:`MIN_COHORT_FOR_OUTLIERS` complete pairs;
+  - ``folding``: ``folding_fraction`` of the prediction above ``folding_threshold``;
+  - ``similarity``, ``fov``: reserved for the image-similarity and field-of-view checks (not computed yet).
+
+* **risk_score** is ``log2((p95 + floor) / (cohort median p95 + floor))`` clipped to
+  ``[-RISK_BOUND, RISK_BOUND]``: +1 means twice the cohort's typical 95th-percentile spread. It is finite
+  for every complete pair; a pair with no finite p95 (empty region) gets ``+RISK_BOUND``, a failed pair NaN.
+  A cohort of one, or of identical pairs, scores 0. Nothing divides by a spread that can vanish.
+* ``cohort_percentile`` is the percentile (0-100, ties averaged) of the pair's p95 among the complete pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+REASONS = ("failed", "empty_region", "uncertainty", "outlier", "similarity", "folding", "fov")
+RISK_BOUND = 8.0
+MIN_COHORT_FOR_OUTLIERS = 5
+CONTEXT_METRIC = "uncertainty_p95_mm"
+
+
+@dataclass(frozen=True)
+class DecisionRules:
+    """Thresholds of the decision (see module docstring)."""
+
+    tolerance_mm: float = 3.0
+    folding_threshold: float = 0.01
+    noise_floor_mm: float = 0.1
+    fence_iqr: float = 1.5
+    min_outlier_ratio: float = 1.5
+
+
+def _finite(x) -> bool:
+    try:
+        return bool(np.isfinite(float(x)))
+    except (TypeError, ValueError):
+        return False
+
+
+def cohort_context(values: np.ndarray, floor_mm: float, fence_iqr: float,
+                   min_ratio: float = 1.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(risk_score, percentile, outlier)`` of each value against the finite values (see module docstring)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    risk = np.full(values.shape, RISK_BOUND)
+    percentile = np.full(values.shape, np.nan)
+    outlier = np.zeros(values.shape, bool)
+    if not finite.any():
+        return risk, percentile, outlier
+    logs = np.log2(np.maximum(values[finite], 0) + floor_mm)
+    risk[finite] = np.clip(logs - np.median(logs), -RISK_BOUND, RISK_BOUND)
+    percentile[finite] = stats.rankdata(values[finite], method="average") / finite.sum() * 100
+    if finite.sum() >= MIN_COHORT_FOR_OUTLIERS:
+        q1, q3 = np.percentile(logs, [25, 75])
+        outlier[finite] = logs > max(q3 + fence_iqr * (q3 - q1), np.median(logs) + np.log2(min_ratio))
+    return risk, percentile, outlier
+
+
+def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dict]:
+    """Add ``risk_score``, ``cohort_percentile``, ``flag_reasons`` (a list from :data:`REASONS`) and ``flagged`` to
+    every row, in place; returns the rows."""
+    complete = [r for r in rows if r.get("status") == "complete"]
+    risk, percentile, outlier = cohort_context(np.array([r.get(CONTEXT_METRIC, np.nan) for r in complete], float),
+                                               rules.noise_floor_mm, rules.fence_iqr, rules.min_outlier_ratio)
+    for r, score, pct, out in zip(complete, risk, percentile, outlier, strict=True):
+        reasons = []
+        empty = int(r.get("n_region_voxels") or 0) == 0
+        if empty:
+            reasons.append("empty_region")
+        elif not all(_finite(r.get(k)) for k in ("uncertainty_mean_mm", CONTEXT_METRIC, "folding_fraction")):
+            reasons.append("failed")
+        upper = r.get("expected_error_upper_mm")
+        bound = upper if _finite(upper) else r.get("uncertainty_mean_mm")
+        if _finite(bound) and float(bound) > rules.tolerance_mm:
+            reasons.append("uncertainty")
+        if out:
+            reasons.append("outlier")
+        if _finite(r.get("folding_fraction")) and float(r["folding_fraction"]) > rules.folding_threshold:
+            reasons.append("folding")
+        r.update(risk_score=float(score), cohort_percentile=float(pct), flag_reasons=reasons, flagged=bool(reasons))
+    for r in rows:
+        if r.get("status") != "complete":
+            r.update(risk_score=np.nan, cohort_percentile=np.nan, flag_reasons=["failed"], flagged=True)
+    return rows

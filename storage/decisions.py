@@ -1,0 +1,121 @@
+"""The decision files of a run folder, as TSV for R, shell and BIDS tools, and the people's ratings.
+
+* ``DIR/decisions.tsv``: one row per pair: ``pair_id subject_id session risk_score expected_error_mm
+  expected_error_upper_mm flag_reasons rating exclude`` (``flag_reasons`` comma-separated from
+  :data:`equiqc.pipeline.decision.REASONS`, empty when none; ``rating`` empty when nobody rated the pair;
+  ``exclude`` ``true``/``false``).
+* ``DIR/exclude.tsv``: the pairs to drop (``pair_id subject_id session flag_reasons rating``).
+* ``DIR/ratings.tsv``: every rating merged so far (``pair_id rating rater note``), one row per pair, the
+  latest file given winning. It is only ever added to by ``equiqc report --ratings``: rebuilding the
+  report, resuming a run, or re-thresholding never loses a rating.
+
+A person decides last: ``exclude`` is true when the pair is rated ``exclude``, or when it is flagged and not
+rated ``include`` (``unsure`` leaves the flag in charge).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from equiqc.errors import UserError
+
+RATINGS = ("include", "exclude", "unsure")
+RATING_COLUMNS = ("pair_id", "rating", "rater", "note")
+DECISION_COLUMNS = ("pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
+                    "expected_error_upper_mm", "flag_reasons", "rating", "exclude")
+EXCLUDE_COLUMNS = ("pair_id", "subject_id", "session", "flag_reasons", "rating")
+
+
+class RatingsError(UserError, ValueError):
+    """A ratings file that cannot be used; the message names the file, row and what to fix."""
+
+
+def read_ratings(path: str | Path, known_pairs: set[str] | None = None) -> pd.DataFrame:
+    """A ratings TSV (columns ``pair_id``, ``rating``, optional ``rater``, ``note``), checked row by row."""
+    path = Path(path)
+    if not path.is_file():
+        raise RatingsError(f"ratings file not found: {path}")
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise RatingsError(f"{path}: not a readable TSV file ({exc})") from exc
+    missing = [c for c in ("pair_id", "rating") if c not in frame.columns]
+    if missing:
+        raise RatingsError(f"{path}: missing column {missing[0]!r}; expected tab-separated columns "
+                           f"{', '.join(RATING_COLUMNS)}")
+    for col in ("rater", "note"):
+        if col not in frame:
+            frame[col] = ""
+    for i, row in enumerate(frame.itertuples(index=False), start=2):
+        if row.rating not in RATINGS:
+            raise RatingsError(f"{path} row {i}: rating {row.rating!r} for pair {row.pair_id!r}; use one of "
+                               f"{', '.join(RATINGS)}")
+        if known_pairs is not None and row.pair_id not in known_pairs:
+            raise RatingsError(f"{path} row {i}: pair {row.pair_id!r} is not in this run's manifest")
+    return frame[list(RATING_COLUMNS)].drop_duplicates("pair_id", keep="last")
+
+
+def merge_ratings(out_dir: str | Path, new: pd.DataFrame) -> pd.DataFrame:
+    """Add ``new`` ratings to ``DIR/ratings.tsv`` (a pair's newer rating replaces its older one); returns all."""
+    old = stored_ratings(out_dir)
+    merged = pd.concat([old, new], ignore_index=True).drop_duplicates("pair_id", keep="last")
+    _write_tsv(merged, Path(out_dir) / "ratings.tsv")
+    return merged
+
+
+def stored_ratings(out_dir: str | Path) -> pd.DataFrame:
+    path = Path(out_dir) / "ratings.tsv"
+    if not path.is_file():
+        return pd.DataFrame(columns=list(RATING_COLUMNS))
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+def session_of(*names: str) -> str:
+    """The BIDS ``ses-`` label found in any of ``names`` (file names, pair ids), else ``""``."""
+    for name in names:
+        match = re.search(r"(?:^|[_/])ses-([A-Za-z0-9]+)", str(name))
+        if match:
+            return match.group(1)
+    return ""
+
+
+def decision_table(rows: list[dict], ratings: pd.DataFrame, sessions: dict[str, str]) -> pd.DataFrame:
+    """The decisions.tsv frame from decided report rows, the stored ratings and each pair's session."""
+    rating = dict(zip(ratings["pair_id"], ratings["rating"], strict=True))
+    records = []
+    for r in rows:
+        given = rating.get(r["pair_id"], "")
+        exclude = given == "exclude" or (bool(r.get("flagged")) and given != "include")
+        records.append({"pair_id": r["pair_id"], "subject_id": r["subject_id"],
+                        "session": sessions.get(r["pair_id"], ""),
+                        "risk_score": r.get("risk_score"), "expected_error_mm": r.get("expected_error_mm"),
+                        "expected_error_upper_mm": r.get("expected_error_upper_mm"),
+                        "flag_reasons": ",".join(r.get("flag_reasons") or []), "rating": given,
+                        "exclude": "true" if exclude else "false"})
+    return pd.DataFrame(records, columns=list(DECISION_COLUMNS))
+
+
+def write_decisions(table: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``decisions.tsv`` and ``exclude.tsv`` (atomically); returns both paths."""
+    out_dir = Path(out_dir)
+    excluded = table[table["exclude"] == "true"][list(EXCLUDE_COLUMNS)]
+    return _write_tsv(table, out_dir / "decisions.tsv"), _write_tsv(excluded, out_dir / "exclude.tsv")
+
+
+def _write_tsv(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", quoting=csv.QUOTE_MINIMAL)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,160 @@
+"""The cohort decision and its statistics, table-driven: empty regions, NaN, constant cohorts, a cohort of one,
+zero medians, ties; plus the decision files, ratings and re-thresholding end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from cohorts import NEAR_FREE_MODEL, TESTS, tiny_cohort
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from equiqc.pipeline.decision import REASONS, RISK_BOUND, DecisionRules, decide
+from equiqc.pipeline.scores import auroc, spearman
+from equiqc.storage.decisions import RatingsError, read_ratings, session_of
+from equiqc.workflows.cli import main
+
+
+def row(pid, mean=1.0, p95=2.0, fold=0.0, n=1000, status="complete", **extra):
+    return {"pair_id": pid, "subject_id": pid, "status": status, "uncertainty_mean_mm": mean,
+            "uncertainty_p95_mm": p95, "folding_fraction": fold, "n_region_voxels": n, **extra}
+
+
+def normal(k, p95=2.0):
+    return [row(f"p{i}", p95=p95 + 0.01 * i) for i in range(k)]
+
+
+CASES = [
+    # name, rows, rules, expected reasons per pair id (missing id: no reasons)
+    ("empty region is flagged, not passed", [*normal(6), row("e", mean=np.nan, p95=np.nan, fold=np.nan, n=0)],
+     DecisionRules(), {"e": ["empty_region"]}),
+    ("NaN metric with a non-empty region", [*normal(6), row("x", mean=np.nan)], DecisionRules(), {"x": ["failed"]}),
+    ("missing metric is not 'not flagged'", [*normal(6), {"pair_id": "m", "subject_id": "m", "status": "complete",
+                                                          "n_region_voxels": 10}], DecisionRules(), {"m": ["failed"]}),
+    ("failed pair", [*normal(3), row("f", status="failed")], DecisionRules(), {"f": ["failed"]}),
+    ("constant cohort: nobody is an outlier", [row(f"c{i}") for i in range(10)], DecisionRules(), {}),
+    ("zero median (a clean cohort)", [row(f"z{i}", mean=0.0, p95=0.0) for i in range(10)], DecisionRules(), {}),
+    ("cohort of one", [row("only")], DecisionRules(), {}),
+    ("a large spread is an outlier", [*normal(10), row("big", p95=30.0)], DecisionRules(), {"big": ["outlier"]}),
+    ("tiny differences under the noise floor are not outliers", [*[row(f"t{i}", p95=1e-6 * i) for i in range(10)],
+                                                                 row("t_big", p95=2e-5)], DecisionRules(), {}),
+    ("over the tolerance by the spread alone", [*normal(6), row("u", mean=5.0, p95=2.05)], DecisionRules(3.0),
+     {"u": ["uncertainty"]}),
+    ("a calibrated upper bound decides when present", [*normal(6), row("cal", mean=1.0, expected_error_upper_mm=4.0)],
+     DecisionRules(3.0), {"cal": ["uncertainty"]}),
+    ("folding", [*normal(6), row("fold", fold=0.05)], DecisionRules(), {"fold": ["folding"]}),
+    ("ties do not flag", [*[row(f"tie{i}", p95=2.0) for i in range(5)], *[row(f"tie2{i}", p95=2.2) for i in range(5)]],
+     DecisionRules(), {}),
+]
+
+
+@pytest.mark.parametrize(("name", "rows", "rules", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_decision_table(name, rows, rules, expected):
+    decided = decide([dict(r) for r in rows], rules)
+    for r in decided:
+        assert r["flag_reasons"] == expected.get(r["pair_id"], []), (name, r["pair_id"], r["flag_reasons"])
+        assert r["flagged"] == bool(r["flag_reasons"])
+        assert set(r["flag_reasons"]) <= set(REASONS)
+        if r["status"] == "complete":
+            assert math.isfinite(r["risk_score"]) and abs(r["risk_score"]) <= RISK_BOUND
+        else:
+            assert math.isnan(r["risk_score"])
+
+
+def test_risk_score_is_a_bounded_log_ratio_to_the_cohort_median():
+    rows = decide([row("a", p95=1.0), row("b", p95=2.0), row("c", p95=4.0), row("d", p95=1e9)],
+                  DecisionRules(noise_floor_mm=0.0 + 1e-3))
+    risk = {r["pair_id"]: r["risk_score"] for r in rows}
+    assert risk["c"] - risk["b"] == pytest.approx(1.0, abs=1e-3)  # twice the spread: +1
+    assert risk["d"] == RISK_BOUND
+    pct = {r["pair_id"]: r["cohort_percentile"] for r in rows}
+    assert pct["a"] == 25 and pct["d"] == 100
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.floats(0, 1e6), st.just(float("nan")), st.just(0.0)), min_size=1, max_size=40))
+def test_every_complete_pair_gets_a_finite_bounded_score(values):
+    rows = decide([row(f"p{i}", p95=v, mean=v, n=0 if v != v else 10) for i, v in enumerate(values)])
+    for r in rows:
+        assert math.isfinite(r["risk_score"]) and abs(r["risk_score"]) <= RISK_BOUND
+        assert 0 <= r["cohort_percentile"] <= 100 or math.isnan(r["cohort_percentile"])
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ([1, 1, 1, 2, 3], [5, 4, 3, 2, 1]),  # ties: scipy averages them (-0.894), the old hand-written one said -1.0
+    ([1, 2, 3, 4, 5], [2, 4, 6, 8, 10]),
+    ([3, 1, 2, 2, 5, 4], [1, 1, 2, 3, 5, 8]),
+])
+def test_spearman_is_scipys_and_does_not_depend_on_order(a, b):
+    assert spearman(np.array(a), np.array(b)) == pytest.approx(stats.spearmanr(a, b).statistic)
+    assert spearman(np.array(a[::-1]), np.array(b[::-1])) == pytest.approx(spearman(np.array(a), np.array(b)))
+    assert math.isnan(spearman(np.array([1, 1, 1]), np.array([1, 2, 3])))  # a constant input has no ranking
+
+
+@pytest.mark.parametrize(("scores", "positives", "expected"), [
+    ([1, 2, 3, 4], [0, 0, 1, 1], 1.0),
+    ([4, 3, 2, 1], [0, 0, 1, 1], 0.0),
+    ([1, 1, 1, 1], [0, 0, 1, 1], 0.5),  # ties count half
+    ([1, 2, 2, 3], [0, 1, 0, 1], 0.875),
+    ([1, 2], [0, 0], float("nan")),
+])
+def test_auroc_table(scores, positives, expected):
+    value = auroc(np.array(scores, float), np.array(positives, bool))
+    assert (math.isnan(value) and math.isnan(expected)) or value == pytest.approx(expected)
+
+
+def test_sessions_and_ratings_files(tmp_path):
+    assert session_of("sub-01_ses-02_T1w.nii.gz") == "02" and session_of("sub-01_T1w.nii.gz") == ""
+    (tmp_path / "r.tsv").write_text("pair_id\trating\trater\tnote\na\tinclude\tjd\tfine\nb\tmaybe\tjd\t\n")
+    with pytest.raises(RatingsError, match=r"row 3: rating 'maybe' for pair 'b'; use one of include, exclude, unsure"):
+        read_ratings(tmp_path / "r.tsv")
+    (tmp_path / "r.tsv").write_text("pair_id\trating\nzz\texclude\n")
+    with pytest.raises(RatingsError, match="pair 'zz' is not in this run's manifest"):
+        read_ratings(tmp_path / "r.tsv", {"a"})
+    (tmp_path / "r.tsv").write_text("pair\trating\n")
+    with pytest.raises(RatingsError, match="missing column 'pair_id'"):
+        read_ratings(tmp_path / "r.tsv")
+
+
+@pytest.mark.slow
+def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    manifest = tiny_cohort(tmp_path / "cohort", pairs=4, empty_mask=(1,))
+    out = tmp_path / "out"
+    # the near-free model maps every voxel to itself: the spread is the perturbations' own (a few mm)
+    args = ["--model", NEAR_FREE_MODEL, "--samples", "3", "--batch-size", "3", "--workers", "1"]
+    assert main(["run", str(manifest), "--out", str(out), *args]) == 0
+    decisions = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(decisions.columns) == ["pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
+                                       "expected_error_upper_mm", "flag_reasons", "rating", "exclude"]
+    by_id = decisions.set_index("pair_id")
+    empty = "sub-001_sub-001_to_atlas"
+    assert by_id.loc[empty, "flag_reasons"] == "empty_region" and by_id.loc[empty, "exclude"] == "true"
+    assert (decisions["expected_error_mm"] == "n/a").all()  # no calibration: empty, said in the docs and report
+    report = pd.read_parquet(out / "report.parquet")
+    assert report.loc[report.status == "complete", "risk_score"].abs().max() <= RISK_BOUND
+    assert by_id["flag_reasons"].str.contains("uncertainty").any()  # identity map: spread = perturbation size
+    # re-threshold without recomputing: a huge tolerance removes every 'uncertainty' reason
+    assert main(["report", str(out), "--tolerance-mm", "1000"]) == 0
+    after = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("pair_id")
+    assert not after["flag_reasons"].str.contains("uncertainty").any()
+    # a person includes the empty-region pair: it leaves exclude.tsv and stays out after another plain report
+    (tmp_path / "r.tsv").write_text(f"pair_id\trating\trater\tnote\n{empty}\tinclude\tjd\tchecked by eye\n")
+    assert main(["report", str(out), "--ratings", str(tmp_path / "r.tsv")]) == 0
+    assert main(["report", str(out)]) == 0
+    excluded = pd.read_csv(out / "exclude.tsv", sep="\t", dtype=str)
+    assert empty not in set(excluded["pair_id"])
+    final = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("pair_id")
+    assert final.loc[empty, "rating"] == "include" and final.loc[empty, "exclude"] == "false"
+    assert final.loc[empty, "flag_reasons"] == "empty_region"  # the reason stays visible; the person decided
+    # a resumed run (its own tolerance, given again) keeps the rating
+    assert main(["run", str(manifest), "--out", str(out), *args, "--tolerance-mm", "1000"]) == 0
+    assert "0 computed this run" in capsys.readouterr().out
+    resumed = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("pair_id")
+    assert resumed.loc[empty, "rating"] == "include" and resumed.loc[empty, "exclude"] == "false"
+    assert not resumed["flag_reasons"].str.contains("uncertainty").any()
+    assert "empty_region" in (out / "report.html").read_text()
