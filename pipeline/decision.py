@@ -17,7 +17,9 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
     and at least ``min_outlier_ratio`` times the cohort median (so a very homogeneous cohort does not turn
     tiny differences into outliers); needs at least :data:`MIN_COHORT_FOR_OUTLIERS` complete pairs;
   - ``folding``: ``folding_fraction`` of the prediction above ``folding_threshold``;
-  - ``similarity``, ``fov``: reserved for the image-similarity and field-of-view checks (not computed yet).
+  - ``fov``: the prediction maps more than ``fov_threshold`` of the region outside the source image
+    (``fov_loss_fraction``: the registration had to invent that anatomy);
+  - ``similarity``: reserved for the image-similarity check (not computed yet).
 
 * **risk_score** is ``log2((p95 + floor) / (cohort median p95 + floor))`` clipped to
   ``[-RISK_BOUND, RISK_BOUND]``: +1 means twice the cohort's typical 95th-percentile spread. It is finite
@@ -48,6 +50,7 @@ class DecisionRules:
     noise_floor_mm: float = 0.1
     fence_iqr: float = 1.5
     min_outlier_ratio: float = 1.5
+    fov_threshold: float = 0.05
 
 
 def _finite(x) -> bool:
@@ -97,6 +100,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
             reasons.append("outlier")
         if _finite(r.get("folding_fraction")) and float(r["folding_fraction"]) > rules.folding_threshold:
             reasons.append("folding")
+        if _finite(r.get("fov_loss_fraction")) and float(r["fov_loss_fraction"]) > rules.fov_threshold:
+            reasons.append("fov")
         r.update(risk_score=float(score), cohort_percentile=float(pct), flag_reasons=reasons, flagged=bool(reasons))
     for r in rows:
         if r.get("status") != "complete":

@@ -27,11 +27,23 @@ def map_error_mm(phi: np.ndarray, truth: np.ndarray, source_affine: np.ndarray) 
     return np.linalg.norm(np.einsum("ij,j...->i...", source_affine[:d, :d], phi - truth), axis=0)
 
 
+def fov_loss(phi: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean map (target grid): where the map ``phi`` (source voxel units, ``(D, *target)``) points outside the
+    source image's voxel centres ``[0, n - 1]`` along any axis: anatomy the registration had to invent."""
+    outside = np.zeros(phi.shape[1:], bool)
+    for d, n in enumerate(source_shape):
+        outside |= (phi[d] < 0) | (phi[d] > n - 1) | ~np.isfinite(phi[d])
+    return outside
+
+
 def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: np.ndarray | None = None,
-                 labels: dict[str, np.ndarray] | None = None, ground_truth: np.ndarray | None = None) -> dict:
+                 labels: dict[str, np.ndarray] | None = None, ground_truth: np.ndarray | None = None,
+                 source_shape: tuple[int, ...] | None = None) -> dict:
     """Summaries of one pair's result over ``region`` (bool, target grid), per label, and vs ground truth.
 
     ``labels``: name -> boolean mask on the target grid; gives ``uncertainty_mean_mm_<name>``.
+    ``source_shape``: the source grid's shape; gives ``fov_loss_fraction``, the fraction of the region that the
+    unperturbed prediction maps outside the source image (:func:`fov_loss`).
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
     unperturbed prediction, the registration a user uses) and ``tta_error_mean_mm`` (of the mean map).
     """
@@ -41,7 +53,7 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     out: dict = {"n_region_voxels": int(region.sum())}
     if std.size == 0:
         out.update({k: np.nan for k in ("uncertainty_mean_mm", "uncertainty_median_mm", "uncertainty_p95_mm",
-                                        "frac_above_1mm", "frac_above_2mm", "folding_fraction")})
+                                        "frac_above_1mm", "frac_above_2mm", "folding_fraction", "fov_loss_fraction")})
     else:
         out.update({
             "uncertainty_mean_mm": float(std.mean()),
@@ -50,6 +62,8 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
             "frac_above_1mm": float((std > 1.0).mean()),
             "frac_above_2mm": float((std > 2.0).mean()),
             "folding_fraction": float((_jacobian_det(result.prediction_map)[region] <= 0).mean()),
+            "fov_loss_fraction": fov_loss(result.prediction_map, source_shape)[region].mean().item()
+            if source_shape is not None else np.nan,
         })
     for name, mask in (labels or {}).items():
         sel = mask.astype(bool) & region

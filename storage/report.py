@@ -21,6 +21,7 @@ uncertainty_p95_mm          float64   95th percentile of std_mm over the region
 frac_above_1mm              float64   fraction of region voxels with std_mm > 1 mm
 frac_above_2mm              float64   fraction of region voxels with std_mm > 2 mm
 folding_fraction            float64   fraction of region voxels where the prediction's Jacobian det <= 0
+fov_loss_fraction           float64   fraction of region voxels the prediction maps outside the source image
 n_samples                   int64     samples per voxel requested (K x draws, +1 with the unperturbed)
 model                       string    backend name
 method                      string    ``equivariance`` or ``mc-dropout``
@@ -56,7 +57,8 @@ SCHEMA: dict[str, str] = {
     "rating": "string", "expected_error_mm": "float64", "expected_error_upper_mm": "float64",
     "uncertainty_mean_mm": "float64",
     "uncertainty_median_mm": "float64", "uncertainty_p95_mm": "float64", "frac_above_1mm": "float64",
-    "frac_above_2mm": "float64", "folding_fraction": "float64", "n_samples": "Int64", "model": "string",
+    "frac_above_2mm": "float64", "folding_fraction": "float64", "fov_loss_fraction": "float64",
+    "n_samples": "Int64", "model": "string",
     "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64",
     "true_error_mean_mm": "float64", "tta_error_mean_mm": "float64",
 }

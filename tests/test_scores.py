@@ -158,3 +158,14 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
     assert resumed.loc[empty, "rating"] == "include" and resumed.loc[empty, "exclude"] == "false"
     assert not resumed["flag_reasons"].str.contains("uncertainty").any()
     assert "empty_region" in (out / "report.html").read_text()
+
+
+def test_fov_loss_counts_what_the_prediction_maps_outside_the_source():
+    from equiqc.pipeline.scores import fov_loss
+
+    phi = np.stack(np.meshgrid(np.arange(4.0), np.arange(3.0), indexing="ij"))  # identity on a 4 x 3 grid
+    assert not fov_loss(phi, (4, 3)).any()
+    shifted = phi + np.array([1.0, 0.0])[:, None, None]  # one row beyond the last source voxel centre
+    assert fov_loss(shifted, (4, 3)).sum() == 3
+    rows = decide([*normal(6), row("fov", fov_loss_fraction=0.3)])
+    assert next(r for r in rows if r["pair_id"] == "fov")["flag_reasons"] == ["fov"]

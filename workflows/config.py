@@ -72,6 +72,8 @@ class RunConfig:
     folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
     noise_floor_mm: float = _opt(0.1, "added to the p95 spread before the cohort's log-scale context", min=0.001)
     fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
+    fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
+                                "flagged (reason 'fov')", min=0, max=1)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     # Filled by the run from the model it loaded, never by the user: the weights' checksum keys resume.
     weights_sha256: str | None = _opt(None, "sha256 of the model's weights file (set by the run)", internal=True)
@@ -88,7 +90,8 @@ class RunConfig:
         from equiqc.pipeline.decision import DecisionRules
 
         return DecisionRules(tolerance_mm=self.tolerance_mm, folding_threshold=self.folding_threshold,
-                             noise_floor_mm=self.noise_floor_mm, fence_iqr=self.fence_iqr)
+                             noise_floor_mm=self.noise_floor_mm, fence_iqr=self.fence_iqr,
+                             fov_threshold=self.fov_threshold)
 
     def estimator_config(self):
         """The :class:`~equiqc.pipeline.estimator.EstimatorConfig` of this run (imports torch)."""
