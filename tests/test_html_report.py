@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
@@ -75,3 +78,95 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     keep = os.environ.get("EQUIQC_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, keep)
+
+
+class DevTools:
+    """Chromium driven through the DevTools protocol over ``--remote-debugging-pipe`` (fds 3 and 4 of the
+    browser; JSON messages separated by NUL): standard library only, no driver to install."""
+
+    def __init__(self, exe: str, profile: Path):
+        cmd_r, self._cmd_w = os.pipe()
+        self._res_r, res_w = os.pipe()
+
+        def wire():  # in the child: commands on fd 3, replies on fd 4
+            os.dup2(cmd_r, 3)
+            os.dup2(res_w, 4)
+
+        flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time")]
+        self.proc = subprocess.Popen([exe, *flags, f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                      "about:blank"], preexec_fn=wire, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(res_w)
+        self._buf, self._id = b"", 0
+
+    def send(self, method: str, session: str | None = None, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._res_r, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(reply["error"])
+                return reply["result"]
+        raise TimeoutError(method)
+
+    def evaluate(self, session: str, expression: str):
+        result = self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self):
+        try:
+            self.send("Browser.close")
+        except Exception:
+            pass
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_dir, tmp_path):
+    from equiqc.workflows.run import rebuild_report
+
+    exe = chromium()
+    page = (run_dir / "report.html").as_uri()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    tools = DevTools(exe, tmp_path / "profile")
+    try:
+        tools.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+        target = tools.send("Target.createTarget", url=page)["targetId"]
+        session = tools.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline = time.time() + 60
+        while tools.evaluate(session, "document.readyState") != "complete" and time.time() < deadline:
+            time.sleep(0.2)
+        pair = "sub-001_to_atlas"
+        tsv = tools.evaluate(session, f"""(() => {{
+            document.getElementById('rater').value = 'jd';
+            const tr = [...document.querySelectorAll('#pairs tbody tr')].find(r => r.dataset.pair === '{pair}');
+            const s = tr.querySelector('select.rating');
+            s.value = 'exclude'; s.dispatchEvent(new Event('change'));
+            tr.querySelector('input.note').value = 'misaligned frontal lobe';
+            return ratingsTSV();
+        }})()""")
+        assert tsv == f"pair_id\trating\trater\tnote\n{pair}\texclude\tjd\tmisaligned frontal lobe\n"
+        tools.evaluate(session, "document.getElementById('download').click()")
+        saved = downloads / "ratings.tsv"
+        while not saved.exists() and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        tools.close()
+    assert saved.read_text() == tsv
+    rebuild_report(run_dir, ratings=saved)
+    excluded = (run_dir / "exclude.tsv").read_text()
+    assert pair in excluded and "\texclude" in excluded
+    assert "<option value='exclude' selected>" in (run_dir / "report.html").read_text()  # the stored rating shows

@@ -31,6 +31,7 @@ from scipy.ndimage import uniform_filter  # noqa: E402
 
 from equiqc.pipeline import transforms as T  # noqa: E402
 from equiqc.storage.cohort import read_pair  # noqa: E402
+from equiqc.storage.decisions import RATINGS  # noqa: E402
 from equiqc.storage.results import read_array  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
@@ -130,6 +131,14 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _rating_cells(current) -> str:
+    """A reviewer's rating control for one table row, preset to the stored rating."""
+    current = current if isinstance(current, str) else ""
+    options = "".join(f"<option value='{v}'{' selected' if v == current else ''}>{v or '-'}</option>"
+                      for v in ("", *RATINGS))
+    return f"<td><select class='rating'>{options}</select></td><td><input class='note' size='18'></td>"
+
+
 def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path."""
     out_dir = Path(out_dir)
@@ -157,9 +166,12 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
                         f"src='{img}'>{table}")
     cols = [c for c in COLUMNS if c in frame.columns]
     head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
+    head += "<th>your rating</th><th>note</th>"
     body = "".join(
-        f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}'>"
-        + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in cols) + "</tr>" for r in frame.itertuples())
+        f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}' "
+        f"data-pair='{html.escape(r.pair_id)}'>"
+        + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in cols) + _rating_cells(getattr(r, "rating", None))
+        + "</tr>" for r in frame.itertuples())
     scatter = error_scatter(frame) if "true_error_mean_mm" in frame else None
     meta = meta or {}
     failed = frame[frame.status != "complete"]
@@ -196,7 +208,10 @@ table.small td, table.small th {{ font-size: 13px; }}
 <h1>Registration QC report</h1>
 <h2>Cohort</h2><table>{summary}</table>{reasons}
 <h2>Risk scores</h2>{hist}{scatter}
-<h2>Pairs</h2><p>Click a column to sort. Red: flagged; grey: failed.</p>
+<h2>Pairs</h2><p>Click a column to sort. Red: flagged; grey: failed. Rate pairs in the last columns, then
+<label>rater <input id="rater" size="10"></label>
+<button id="download" onclick="downloadRatings()">download ratings.tsv</button> and merge it with
+<code>equiqc report DIR --ratings ratings.tsv</code>: a rating decides over the flags and is kept.</p>
 <table id="pairs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Flagged and highest-risk pairs</h2>{sections}
 <script>
@@ -212,6 +227,23 @@ function sortTable(col) {{
   }});
   rows.forEach(r => tbody.appendChild(r));
   tbody.dataset.col = col; tbody.dataset.asc = asc;
+}}
+function ratingsTSV() {{
+  const rater = document.getElementById('rater').value.replace(/[\\t\\n]/g, ' ');
+  const lines = ['pair_id\\trating\\trater\\tnote'];
+  document.querySelectorAll('#pairs tbody tr').forEach(tr => {{
+    const rating = tr.querySelector('select.rating').value;
+    if (!rating) return;
+    const note = tr.querySelector('input.note').value.replace(/[\\t\\n]/g, ' ');
+    lines.push([tr.dataset.pair, rating, rater, note].join('\\t'));
+  }});
+  return lines.join('\\n') + '\\n';
+}}
+function downloadRatings() {{
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([ratingsTSV()], {{type: 'text/tab-separated-values'}}));
+  a.download = 'ratings.tsv';
+  document.body.appendChild(a); a.click(); a.remove();
 }}
 window.addEventListener('load', () => {{
   const imgs = Array.from(document.images);
