@@ -19,7 +19,10 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
   - ``folding``: ``folding_fraction`` of the prediction above ``folding_threshold``;
   - ``fov``: the prediction maps more than ``fov_threshold`` of the region outside the source image
     (``fov_loss_fraction``: the registration had to invent that anatomy);
-  - ``similarity``: reserved for the image-similarity check (not computed yet).
+  - ``similarity``: the correlation of the registered source with the target (``similarity_ncc``) is below the
+    cohort's lower Tukey fence, ``Q1 - k IQR`` of the complete pairs' values, and at least
+    ``min_similarity_drop`` below the cohort median (needs :data:`MIN_COHORT_FOR_OUTLIERS` pairs); a
+    calibrated floor per model is still to come.
 
 * **risk_score** is ``log2((p95 + floor) / (cohort median p95 + floor))`` clipped to
   ``[-RISK_BOUND, RISK_BOUND]``: +1 means twice the cohort's typical 95th-percentile spread. It is finite
@@ -51,6 +54,7 @@ class DecisionRules:
     fence_iqr: float = 1.5
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
+    min_similarity_drop: float = 0.1
 
 
 def _finite(x) -> bool:
@@ -79,13 +83,25 @@ def cohort_context(values: np.ndarray, floor_mm: float, fence_iqr: float,
     return risk, percentile, outlier
 
 
+def _low_outliers(values: np.ndarray, fence_iqr: float, min_drop: float) -> np.ndarray:
+    """Values below both ``Q1 - k IQR`` and ``median - min_drop`` of the finite values (cohort >= minimum)."""
+    low = np.zeros(values.shape, bool)
+    finite = np.isfinite(values)
+    if finite.sum() >= MIN_COHORT_FOR_OUTLIERS:
+        q1, q3 = np.percentile(values[finite], [25, 75])
+        low[finite] = values[finite] < min(q1 - fence_iqr * (q3 - q1), np.median(values[finite]) - min_drop)
+    return low
+
+
 def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dict]:
     """Add ``risk_score``, ``cohort_percentile``, ``flag_reasons`` (a list from :data:`REASONS`) and ``flagged`` to
     every row, in place; returns the rows."""
     complete = [r for r in rows if r.get("status") == "complete"]
+    low_similarity = _low_outliers(np.array([r.get("similarity_ncc", np.nan) for r in complete], float),
+                                   rules.fence_iqr, rules.min_similarity_drop)
     risk, percentile, outlier = cohort_context(np.array([r.get(CONTEXT_METRIC, np.nan) for r in complete], float),
                                                rules.noise_floor_mm, rules.fence_iqr, rules.min_outlier_ratio)
-    for r, score, pct, out in zip(complete, risk, percentile, outlier, strict=True):
+    for r, score, pct, out, dissimilar in zip(complete, risk, percentile, outlier, low_similarity, strict=True):
         reasons = []
         empty = int(r.get("n_region_voxels") or 0) == 0
         if empty:
@@ -98,6 +114,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
             reasons.append("uncertainty")
         if out:
             reasons.append("outlier")
+        if dissimilar:
+            reasons.append("similarity")
         if _finite(r.get("folding_fraction")) and float(r["folding_fraction"]) > rules.folding_threshold:
             reasons.append("folding")
         if _finite(r.get("fov_loss_fraction")) and float(r["fov_loss_fraction"]) > rules.fov_threshold:

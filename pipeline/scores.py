@@ -10,8 +10,10 @@ The cohort decision built on these summaries (risk score, reasons, flags) is :mo
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import stats
 
+from equiqc.pipeline import transforms as T
 from equiqc.pipeline.estimator import UncertaintyResult
 
 
@@ -36,14 +38,28 @@ def fov_loss(phi: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
     return outside
 
 
+def similarity_after_registration(source: np.ndarray, target: np.ndarray, phi: np.ndarray, region: np.ndarray) -> float:
+    """Normalised cross-correlation (Pearson) of the source warped by ``phi`` (source voxels, ``(D, *target)``)
+    and the target over ``region``: 1 for a perfect match up to intensity scale; NaN when either is constant."""
+    warped = T.warp(torch.as_tensor(source, dtype=torch.float32)[None, None],
+                    torch.as_tensor(phi, dtype=torch.float32)[None])[0, 0].numpy()
+    a, b = warped[region].astype(np.float64), np.asarray(target)[region].astype(np.float64)
+    if a.size < 3 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: np.ndarray | None = None,
                  labels: dict[str, np.ndarray] | None = None, ground_truth: np.ndarray | None = None,
-                 source_shape: tuple[int, ...] | None = None) -> dict:
+                 source_shape: tuple[int, ...] | None = None, source: np.ndarray | None = None,
+                 target: np.ndarray | None = None) -> dict:
     """Summaries of one pair's result over ``region`` (bool, target grid), per label, and vs ground truth.
 
     ``labels``: name -> boolean mask on the target grid; gives ``uncertainty_mean_mm_<name>``.
     ``source_shape``: the source grid's shape; gives ``fov_loss_fraction``, the fraction of the region that the
     unperturbed prediction maps outside the source image (:func:`fov_loss`).
+    ``source`` and ``target`` (the images): give ``similarity_ncc``, their correlation after registration by the
+    unperturbed prediction over the region (:func:`similarity_after_registration`).
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
     unperturbed prediction, the registration a user uses) and ``tta_error_mean_mm`` (of the mean map).
     """
@@ -53,7 +69,8 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     out: dict = {"n_region_voxels": int(region.sum())}
     if std.size == 0:
         out.update({k: np.nan for k in ("uncertainty_mean_mm", "uncertainty_median_mm", "uncertainty_p95_mm",
-                                        "frac_above_1mm", "frac_above_2mm", "folding_fraction", "fov_loss_fraction")})
+                                        "frac_above_1mm", "frac_above_2mm", "folding_fraction", "fov_loss_fraction",
+                                        "similarity_ncc")})
     else:
         out.update({
             "uncertainty_mean_mm": float(std.mean()),
@@ -64,6 +81,8 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
             "folding_fraction": float((_jacobian_det(result.prediction_map)[region] <= 0).mean()),
             "fov_loss_fraction": fov_loss(result.prediction_map, source_shape)[region].mean().item()
             if source_shape is not None else np.nan,
+            "similarity_ncc": similarity_after_registration(source, target, result.prediction_map, region)
+            if source is not None and target is not None else np.nan,
         })
     for name, mask in (labels or {}).items():
         sel = mask.astype(bool) & region

@@ -22,6 +22,7 @@ frac_above_1mm              float64   fraction of region voxels with std_mm > 1 
 frac_above_2mm              float64   fraction of region voxels with std_mm > 2 mm
 folding_fraction            float64   fraction of region voxels where the prediction's Jacobian det <= 0
 fov_loss_fraction           float64   fraction of region voxels the prediction maps outside the source image
+similarity_ncc              float64   correlation of the registered source with the target over the region
 n_samples                   int64     samples per voxel requested (K x draws, +1 with the unperturbed)
 model                       string    backend name
 method                      string    ``equivariance`` or ``mc-dropout``
@@ -58,7 +59,7 @@ SCHEMA: dict[str, str] = {
     "uncertainty_mean_mm": "float64",
     "uncertainty_median_mm": "float64", "uncertainty_p95_mm": "float64", "frac_above_1mm": "float64",
     "frac_above_2mm": "float64", "folding_fraction": "float64", "fov_loss_fraction": "float64",
-    "n_samples": "Int64", "model": "string",
+    "similarity_ncc": "float64", "n_samples": "Int64", "model": "string",
     "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64",
     "true_error_mean_mm": "float64", "tta_error_mean_mm": "float64",
 }

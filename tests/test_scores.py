@@ -169,3 +169,18 @@ def test_fov_loss_counts_what_the_prediction_maps_outside_the_source():
     assert fov_loss(shifted, (4, 3)).sum() == 3
     rows = decide([*normal(6), row("fov", fov_loss_fraction=0.3)])
     assert next(r for r in rows if r["pair_id"] == "fov")["flag_reasons"] == ["fov"]
+
+
+def test_similarity_after_registration_and_its_reason():
+    from equiqc.pipeline.scores import similarity_after_registration
+
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 7, 5)).astype(np.float32)
+    identity = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in image.shape], indexing="ij"))
+    region = np.ones(image.shape, bool)
+    assert similarity_after_registration(image, 2 * image + 1, identity, region) == pytest.approx(1.0)
+    assert abs(similarity_after_registration(image, rng.random(image.shape), identity, region)) < 0.3
+    cohort = [row(f"s{i}", similarity_ncc=0.9 + 0.005 * i) for i in range(8)]
+    rows = decide([*cohort, row("bad", similarity_ncc=0.4)])
+    assert next(r for r in rows if r["pair_id"] == "bad")["flag_reasons"] == ["similarity"]
+    assert all(not r["flag_reasons"] for r in rows if r["pair_id"] != "bad")

@@ -96,7 +96,7 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         region = stored["target_mask"].data > 0 if "target_mask" in stored else None
         truth = stored["ground_truth"].data if "ground_truth" in stored else None
         summary = pair_summary(result, src.affine, region, label_masks(stored, config), truth,
-                               source_shape=src.data.shape)
+                               source_shape=src.data.shape, source=src.data, target=tgt.data)
         runtime = time.perf_counter() - start
         R.write_result(results_root, outcome.pair_id, result, tgt.affine, key, outcome.input_hash,
                        extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
