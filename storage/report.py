@@ -29,6 +29,7 @@ method                      string    ``equivariance`` or ``mc-dropout``
 perturbation                string    perturbation family
 seed                        int64     run seed
 runtime_s                   float64   wall time of the pair's estimation
+crash_file                  string    for a failed pair: DIR-relative path of its error and traceback
 true_error_mean_mm          float64   mean error of the unperturbed prediction vs ground truth (else null)
 tta_error_mean_mm           float64   same for the mean composed map (else null)
 ==========================  ========  =================================================================
@@ -60,7 +61,7 @@ SCHEMA: dict[str, str] = {
     "uncertainty_median_mm": "float64", "uncertainty_p95_mm": "float64", "frac_above_1mm": "float64",
     "frac_above_2mm": "float64", "folding_fraction": "float64", "fov_loss_fraction": "float64",
     "similarity_ncc": "float64", "n_samples": "Int64", "model": "string",
-    "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64",
+    "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64", "crash_file": "string",
     "true_error_mean_mm": "float64", "tta_error_mean_mm": "float64",
 }
 
@@ -107,6 +108,15 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, metadata: dict |
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_crash_file(out_dir: str | Path, pair_id: str, error: str, traceback: str | None) -> str:
+    """``DIR/crash/<pair_id>.txt`` with a failed pair's error and full traceback; returns its path relative to
+    ``DIR`` (what the report row links)."""
+    path = Path(out_dir) / "crash" / f"{pair_id}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"pair: {pair_id}\nerror: {error}\n\n{traceback or '(no traceback: the input was refused)'}\n")
+    return str(path.relative_to(out_dir))
 
 
 def read_metadata(path: str | Path) -> dict:

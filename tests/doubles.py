@@ -125,3 +125,10 @@ class ZeroDisplacement(torch.nn.Module):
 
     def forward(self, source: Tensor, target: Tensor) -> Tensor:
         return torch.zeros(source.shape[0], source.dim() - 2, *target.shape[2:], dtype=source.dtype)
+
+
+class Exploding(torch.nn.Module):
+    """A network whose forward always fails (``--model python:doubles:Exploding``): every estimation raises."""
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        raise RuntimeError("the network exploded on purpose")

@@ -195,7 +195,8 @@ def test_a_run_in_which_no_pair_completes_exits_3(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_provenance_everywhere_and_new_weights_recompute_every_pair(small_cohort, tmp_path, capsys):
+def test_provenance_everywhere_and_new_weights_recompute_every_pair(small_cohort, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="equiqc")
     weights = tmp_path / "w.pt"
     shutil.copy(WEIGHTS, weights)
     out = tmp_path / "out"
@@ -233,13 +234,14 @@ def test_provenance_everywhere_and_new_weights_recompute_every_pair(small_cohort
         torch.save(state, weights)
         again = run_cohort(small_cohort, out, cfg, handle)
         assert again.computed == 2
-        assert "every pair is recomputed" in capsys.readouterr().out
+        assert "every pair is recomputed" in caplog.text
         assert json.loads((out / "run.json").read_text())["result_key"]["weights_sha256"] == file_sha256(weights)
         report = pd.read_parquet(out / "report.parquet")
         assert (report["status"] == "complete").all()
     finally:
         handle.close()
     # export of a pair that is not there: one line naming the pairs that are
+    capsys.readouterr()
     code = main(["export", str(out), "--pair", "typo", "--to", str(tmp_path / "nii")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "pair 'typo' has no results" in err and "sub-001_sub-001_to_atlas" in err
@@ -256,3 +258,26 @@ def test_a_numerics_change_makes_stored_results_stale_not_mismatched():
     bumped = {**key, "numerics_version": key["numerics_version"] + 1}
     assert differing_keys(key, bumped) <= RECOMPUTE_KEYS
     assert not differing_keys(key, {**key, "samples": 3}) <= RECOMPUTE_KEYS
+
+
+@pytest.mark.slow
+def test_failed_pairs_leave_crash_files_and_the_run_a_log(tmp_path, monkeypatch, capsys):
+    from cohorts import TESTS
+
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    manifest = tiny_cohort(tmp_path / "c", pairs=3, unreadable=(2,))
+    out = tmp_path / "out"
+    code = main(["run", str(manifest), "--out", str(out), "--model", "python:doubles:Exploding", "--samples", "2",
+                 "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == NO_PAIR_COMPLETED
+    report = pd.read_parquet(out / "report.parquet").set_index("pair_id")
+    crash = out / report.loc["sub-000_sub-000_to_atlas", "crash_file"]
+    text = crash.read_text()
+    assert "Traceback" in text and "the network exploded on purpose" in text  # the full traceback, kept
+    refused = (out / report.loc["sub-002_sub-002_to_atlas", "crash_file"]).read_text()
+    assert "not a readable NIfTI file" in refused
+    log = (out / "equiqc.log").read_text()
+    assert "sub-000_sub-000_to_atlas: failed (RuntimeError" in log and "run of 3 pairs" in log
+    assert len(err.splitlines()) < 15  # a warning per failed pair and the summary, no line per stage
+    assert "crash/sub-000_sub-000_to_atlas.txt" in (out / "report.html").read_text()

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equiqc", description="Registration QC by transformation equivariance.")
     parser.add_argument("--version", action="version", version=f"equiqc {equiqc.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="log every pair (DEBUG) on stderr")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings only on stderr; no progress bar")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) QC on a cohort manifest")
@@ -271,6 +274,9 @@ def _cmd_options(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from equiqc.workflows.logs import configure_console
+
+    configure_console(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         return args.func(args)
     except UserError as exc:

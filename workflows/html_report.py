@@ -37,7 +37,7 @@ from equiqc.storage.results import read_array  # noqa: E402
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
 COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "uncertainty_mean_mm",
            "uncertainty_p95_mm", "cohort_percentile", "frac_above_2mm", "folding_fraction", "true_error_mean_mm",
-           "runtime_s", "error"]
+           "runtime_s", "error", "crash_file"]
 
 
 def _png(fig) -> str:
@@ -131,6 +131,12 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _cell(column: str, value) -> str:
+    if column == "crash_file" and isinstance(value, str) and value:
+        return f"<td><a href='{html.escape(value)}'>{html.escape(value)}</a></td>"
+    return f"<td>{_fmt(value)}</td>"
+
+
 def _rating_cells(current) -> str:
     """A reviewer's rating control for one table row, preset to the stored rating."""
     current = current if isinstance(current, str) else ""
@@ -170,7 +176,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
     body = "".join(
         f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}' "
         f"data-pair='{html.escape(r.pair_id)}'>"
-        + "".join(f"<td>{_fmt(getattr(r, c))}</td>" for c in cols) + _rating_cells(getattr(r, "rating", None))
+        + "".join(_cell(c, getattr(r, c)) for c in cols) + _rating_cells(getattr(r, "rating", None))
         + "</tr>" for r in frame.itertuples())
     scatter = error_scatter(frame) if "true_error_mean_mm" in frame else None
     meta = meta or {}

@@ -24,8 +24,8 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from equiqc.storage.report import write_report
 from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
 from equiqc.workflows.cluster import ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
+from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
 from equiqc.workflows.tasks import estimate_task, ingest_task
 
@@ -59,20 +60,6 @@ class RunSummary:
     @property
     def flagged(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == "complete" and r.get("flagged")]
-
-
-class Progress:
-    """One line per update on stderr: ``stage: done/total, elapsed, ETA``."""
-
-    def __init__(self, stage: str, total: int, stream=sys.stderr):
-        self.stage, self.total, self.done, self.start, self.stream = stage, total, 0, time.perf_counter(), stream
-
-    def step(self) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        print(f"{self.stage}: {self.done}/{self.total} pairs, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
-              file=self.stream, flush=True)
 
 
 def _html(out_dir: Path, config: RunConfig, provenance: dict, log) -> Path | None:
@@ -101,7 +88,7 @@ def provenance_summary(provenance: dict) -> dict:
             "weights": f"{model.get('weights_path') or 'none'} (sha256 {sha[:16] + '...' if sha else 'n/a'})"}
 
 
-def check_previous_run(out_dir: Path, config: RunConfig, log=print) -> None:
+def check_previous_run(out_dir: Path, config: RunConfig, log=LOGGER.info) -> None:
     """Refuse to mix results of another configuration into ``out_dir`` unless overwriting. A previous run of the
     same configuration whose weights file or numerics changed is not refused: its pairs are stale and are
     recomputed (said in the log)."""
@@ -157,7 +144,7 @@ def _prepare(manifest: str | Path, config: RunConfig, shard: tuple[int, int] | N
 
 
 def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, handle: ClusterHandle | None = None,
-               log=print, argv: list[str] | None = None, shard: tuple[int, int] | None = None) -> RunSummary:
+               log=LOGGER.info, argv: list[str] | None = None, shard: tuple[int, int] | None = None) -> RunSummary:
     """Run (or resume) the whole cohort, or shard ``(I, N)`` of it; returns the rows computed or found.
 
     Before any work: the manifest is read and checked, and the model is loaded once here (ConfigError for an
@@ -167,7 +154,8 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with Lease(out_dir, shard_scope(shard)):
+    with Lease(out_dir, shard_scope(shard)), log_to_folder(out_dir):
+        LOGGER.debug(f"run of {len(specs)} pairs from {manifest} into {out_dir}; model {model}")
         check_previous_run(out_dir, config, log)
         started = now_utc()
         own = handle is None
@@ -183,6 +171,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         finally:
             if own:
                 handle.close()
+        _crash_files(rows, out_dir)
         provenance["finished"] = now_utc()
         _write_json_atomic(out_dir / "run.json", record)
         computed = sum(1 for r in rows if r.pop("_computed", False))
@@ -190,6 +179,16 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
             return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard)
         report, html_path = _finish(rows, specs, out_dir, config, provenance, log)
     return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
+
+
+def _crash_files(rows: list[dict], out_dir: Path) -> None:
+    """A crash file per failed pair (error and traceback), linked from its row as ``crash_file``."""
+    from equiqc.storage.report import write_crash_file
+
+    for r in rows:
+        trace = r.pop("_traceback", None)
+        if r.get("status") != "complete":
+            r["crash_file"] = write_crash_file(out_dir, r["pair_id"], str(r.get("error")), trace)
 
 
 def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunConfig, provenance: dict,
@@ -266,25 +265,41 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
         futures[client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict,
                               key=f"estimate-{spec.pair_id}", resources=resources, retries=config.retries,
                               pure=False)] = spec
-    progress = {"ingest": Progress("ingest", len(specs)), "estimate": Progress("estimate", len(specs))}
     rows: dict[str, dict] = {}
-    for future in as_completed(list(ingests) + list(futures)):
-        if future in ingests:
-            progress["ingest"].step()
-            continue
-        spec = futures[future]
-        try:
-            row = future.result()
-        except Exception as exc:  # the task itself died (e.g. its worker kept crashing past the retries)
-            row = {"subject_id": spec.subject_id, "pair_id": spec.pair_id, "status": "failed",
-                   "error": f"{type(exc).__name__}: {exc}", "_computed": True}
-        rows[spec.pair_id] = row
-        progress["estimate"].step()
+    ingested = 0
+    with progress_bar(len(specs), "pairs") as bar:
+        for future in as_completed(list(ingests) + list(futures)):
+            if future in ingests:
+                ingested += 1
+                bar.set_postfix(ingested=ingested, refresh=False)
+                continue
+            spec = futures[future]
+            try:
+                row = future.result()
+            except Exception as exc:  # the task itself died (e.g. its worker kept crashing past the retries)
+                row = {"subject_id": spec.subject_id, "pair_id": spec.pair_id, "status": "failed",
+                       "error": f"{type(exc).__name__}: {exc}", "_computed": True,
+                       "_traceback": "".join(traceback.format_exception(exc))}
+            rows[spec.pair_id] = row
+            if row["status"] == "failed":
+                LOGGER.warning(f"{spec.pair_id}: failed ({row.get('error')})")
+            else:
+                LOGGER.debug(f"{spec.pair_id}: {row['status']} in {row.get('runtime_s', 0):.1f} s")
+            bar.update()
     return [rows[s.pair_id] for s in specs]  # manifest order
 
 
 def rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
                    ratings: str | Path | None = None) -> RunSummary:
+    """See :func:`_rebuild_report`; logs into the run folder's equiqc.log."""
+    if not (Path(out_dir) / "run.json").exists():
+        return _rebuild_report(out_dir, tolerance_mm, ratings)  # raises the ConfigError that explains
+    with log_to_folder(out_dir):
+        return _rebuild_report(out_dir, tolerance_mm, ratings)
+
+
+def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
+                    ratings: str | Path | None = None) -> RunSummary:
     """Rebuild the report and decision files of a run folder from its stored results (no compute).
 
     This is also how the shards of a job array are merged: every shard writes into the same stores.
@@ -324,8 +339,10 @@ def rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
         if row is None:
             error = attrs.get("error") if attrs.get("status") == "failed" else failure["error"] if failure else (
                 "no complete result; run `equiqc run` again to compute it")
-            row = {**base_row(outcome, spec.subject_id, config), "status": "failed", "error": error}
+            row = {**base_row(outcome, spec.subject_id, config), "status": "failed", "error": error,
+                   "_traceback": failure.get("traceback") if failure else None}
         row.pop("_computed", None)
         rows.append(row)
-    report, html_path = _finish(rows, specs, out_dir, config, provenance, print)
+    _crash_files(rows, out_dir)
+    report, html_path = _finish(rows, specs, out_dir, config, provenance, LOGGER.info)
     return RunSummary(rows, report, time.perf_counter() - start, html=html_path)

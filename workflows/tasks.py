@@ -109,4 +109,4 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
             R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, traceback.format_exc())
         except Exception:  # the store itself is failing: the row below still carries the error
             pass
-        return {**row, "status": "failed", "error": error, "_computed": True}
+        return {**row, "status": "failed", "error": error, "_computed": True, "_traceback": traceback.format_exc()}
