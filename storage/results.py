@@ -83,10 +83,9 @@ FAILURE = "equiqc_failed"
 def write_failure(root: str | Path, pair_id: str, config: dict, input_hash: str | None, error: str,
                   traceback: str | None = None) -> None:
     """Record that estimating ``pair_id`` failed (error and traceback), so a later ``equiqc report`` (of this run
-    or of all shards) reports the reason; the next run computes the pair again. Leaves any arrays alone."""
-    group = open_results(root).require_group(pair_id)
-    if MARKER in group.attrs:
-        del group.attrs[MARKER]
+    or of all shards) reports the reason; the next run computes the pair again. Leaves any arrays and any
+    completion marker (of another configuration) alone."""
+    group = open_results(root).require_group(pair_id)  # a marker of another configuration is left as it is
     group.attrs[FAILURE] = {"config": config, "input_hash": input_hash, "error": error, "traceback": traceback}
 
 
