@@ -147,7 +147,8 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
         target = tools.send("Target.createTarget", url=page)["targetId"]
         session = tools.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         deadline = time.time() + 60
-        while tools.evaluate(session, "document.readyState") != "complete" and time.time() < deadline:
+        ready = "document.readyState === 'complete' && document.getElementById('rater') !== null"
+        while not tools.evaluate(session, ready) and time.time() < deadline:  # a new tab starts as about:blank
             time.sleep(0.2)
         pair = "sub-001_to_atlas"
         tsv = tools.evaluate(session, f"""(() => {{
