@@ -111,8 +111,7 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    cohort = build_demo_cohort(tmp_path_factory.mktemp("cohort"), pairs=2, seed=5, failure_fraction=0.0)
-    return cohort.manifest
+    return tiny_cohort(tmp_path_factory.mktemp("cohort"), pairs=2)
 
 
 def _script(capsys, manifest, tmp_path, config: dict) -> str:
@@ -168,13 +167,14 @@ def test_missing_cores_and_memory_is_one_clear_error(manifest, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_end_to_end_through_dask_jobqueue_local_cluster_with_gpu_resources(manifest, tmp_path, monkeypatch):
+def test_end_to_end_through_dask_jobqueue_local_cluster_with_gpu_resources(manifest, tmp_path, monkeypatch,
+                                                                          near_free_env):
     """The jobqueue path (kwargs, scale(jobs=...), GPU resources) with dask-jobqueue's own LocalCluster standing in
     for sbatch/qsub: the "jobs" are processes here, started from the rendered job script's command."""
     from dask_jobqueue.local import LocalCluster as JobqueueLocalCluster
 
     monkeypatch.setattr(C, "_jobqueue_class", lambda kind: JobqueueLocalCluster)
-    config = RunConfig(cluster="pbs", workers=1, gpus_per_worker=1, samples=2, batch_size=2,
+    config = RunConfig(cluster="pbs", workers=1, gpus_per_worker=1, samples=2, batch_size=2, model=NEAR_FREE_MODEL,
                        cluster_options={"cores": 1, "memory": "4GB"})
     handle = make_cluster(config)
     try:

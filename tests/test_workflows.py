@@ -68,7 +68,7 @@ def local(workers: int) -> ClusterHandle:
     return ClusterHandle(Client(cluster), cluster, False)
 
 
-CFG = dict(samples=4, batch_size=4, label_names={1: "csf", 2: "gm", 3: "wm"})
+CFG = dict(samples=2, batch_size=2, label_names={1: "csf", 2: "gm", 3: "wm"})
 
 
 def stored(out, name="std_mm"):
