@@ -103,7 +103,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
                                                rules.noise_floor_mm, rules.fence_iqr, rules.min_outlier_ratio)
     for r, score, pct, out, dissimilar in zip(complete, risk, percentile, outlier, low_similarity, strict=True):
         reasons = []
-        empty = int(r.get("n_region_voxels") or 0) == 0
+        voxels = r.get("n_region_voxels")
+        empty = not _finite(voxels) or float(voxels) == 0
         if empty:
             reasons.append("empty_region")
         elif not all(_finite(r.get(k)) for k in ("uncertainty_mean_mm", CONTEXT_METRIC, "folding_fraction")):
