@@ -124,7 +124,7 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and not np.isfinite(v)):
         return ""
     if isinstance(v, (float, np.floating)):
         return f"{v:.3f}"
