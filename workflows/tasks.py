@@ -104,9 +104,9 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
                        overwrite=config.overwrite)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception as exc:  # one bad pair never stops the cohort: report it and carry on
-        error = f"{type(exc).__name__}: {exc}"
+        error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         try:  # kept in the result store, so `equiqc report` (of every shard) still gives the reason
-            R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, traceback.format_exc())
+            R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, trace)
         except Exception:  # the store itself is failing: the row below still carries the error
             pass
-        return {**row, "status": "failed", "error": error, "_computed": True, "_traceback": traceback.format_exc()}
+        return {**row, "status": "failed", "error": error, "_computed": True, "_traceback": trace}

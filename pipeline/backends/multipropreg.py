@@ -162,10 +162,7 @@ class MultiPropRegBackend:
         return T.apply_affine(torch.linalg.inv(a_src) @ n, T.sample_map(phi_net, y_net))
 
 
-def load_multipropreg(weights=None, device="cpu", mc_dropout=False, **options) -> MultiPropRegBackend:
-    if options:
-        raise ValueError(f"model multipropreg takes no model options (got {', '.join(sorted(options))}); its grid "
-                         "and layout are fixed (1 mm LIA, 160 x 192 x 224)")
+def load_multipropreg(weights=None, device="cpu", mc_dropout=False) -> MultiPropRegBackend:
     backend = MultiPropRegBackend(weights, device)
     if mc_dropout:  # the shared check: this network has no dropout layer, so it raises with the reason
         enable_mc_dropout(backend.net, backend.name)

@@ -47,7 +47,11 @@ def _builtin(name: str) -> Factory | None:
     if name == "multipropreg":
         from equiqc.pipeline.backends.multipropreg import load_multipropreg
 
-        return load_multipropreg
+        def multipropreg(weights=None, device="cpu", mc_dropout=False, **options):
+            _no_options("multipropreg", options)
+            return load_multipropreg(weights, device, mc_dropout)
+
+        return multipropreg
     if name in ("unigradicon", "multigradicon"):
         from equiqc.pipeline.backends.icon import load_icon
 
