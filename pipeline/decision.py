@@ -8,10 +8,10 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
     although its region is not empty;
   - ``empty_region``: the evaluation region holds no voxel with a spread (no overlap of mask and valid
     samples): nothing can be said, so it is flagged, never passed;
-  - ``uncertainty``: the expected error is above the user's tolerance ``tolerance_mm``. With a calibration
-    the test is ``expected_error_upper_mm > tolerance_mm``; without one it is ``uncertainty_mean_mm >
-    tolerance_mm``: the spread is a lower bound of the RMS error (docs/design.md), so a pair over the
-    tolerance by its spread alone is over it;
+  - ``uncertainty``: the error may be above the user's tolerance ``tolerance_mm``: the calibrated upper bound
+    ``expected_error_upper_mm`` (:mod:`equiqc.pipeline.calibration`) is above it, or the mean spread
+    ``uncertainty_mean_mm`` is: the spread is a lower bound of the RMS error (docs/design.md), so a pair over
+    the tolerance by its spread alone is over it, whatever a calibration fitted on other pairs predicts;
   - ``outlier``: ``uncertainty_p95_mm`` beyond the cohort's upper Tukey fence on a log scale,
     ``log(x + floor) > Q3 + k IQR`` of the complete pairs' ``log(p95 + floor)`` (``noise_floor_mm``, ``fence_iqr``),
     and at least ``min_outlier_ratio`` times the cohort median (so a very homogeneous cohort does not turn
@@ -109,9 +109,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
             reasons.append("empty_region")
         elif not all(_finite(r.get(k)) for k in ("uncertainty_mean_mm", CONTEXT_METRIC, "folding_fraction")):
             reasons.append("failed")
-        upper = r.get("expected_error_upper_mm")
-        bound = upper if _finite(upper) else r.get("uncertainty_mean_mm")
-        if _finite(bound) and float(bound) > rules.tolerance_mm:
+        bounds = [float(r[k]) for k in ("expected_error_upper_mm", "uncertainty_mean_mm") if _finite(r.get(k))]
+        if bounds and max(bounds) > rules.tolerance_mm:
             reasons.append("uncertainty")
         if out:
             reasons.append("outlier")

@@ -16,14 +16,13 @@ rated ``include`` (``unsure`` leaves the flag in charge).
 from __future__ import annotations
 
 import csv
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from equiqc.errors import UserError
+from equiqc.storage.atomic import atomic_path
 
 RATINGS = ("include", "exclude", "unsure")
 RATING_COLUMNS = ("pair_id", "rating", "rater", "note")
@@ -109,13 +108,6 @@ def write_decisions(table: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Pat
 
 
 def _write_tsv(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", quoting=csv.QUOTE_MINIMAL)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -43,13 +43,13 @@ to a temporary name in the same folder and renamed, so a reader never sees half 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from equiqc.storage.atomic import atomic_path
 
 META_PREFIX = "equiqc."
 
@@ -94,20 +94,12 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, metadata: dict |
 
     ``metadata`` (JSON-serialisable) goes into the file's key-value metadata, one key ``equiqc.<name>`` per
     entry, beside pandas' own; :func:`read_metadata` reads it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        extra = {f"{META_PREFIX}{k}".encode(): json.dumps(v, default=str).encode() for k, v in (metadata or {}).items()}
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    extra = {f"{META_PREFIX}{k}".encode(): json.dumps(v, default=str).encode() for k, v in (metadata or {}).items()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def write_crash_file(out_dir: str | Path, pair_id: str, error: str, traceback: str | None) -> str:

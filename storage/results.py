@@ -9,7 +9,13 @@ Arrays (target grid, RAS+ array order, dims named):
 
 Coordinates ``x``, ``y``, ``z`` are the world positions (mm) of the voxel centres along each axis, from
 the target affine (exact for axis-aligned grids; for oblique grids they are the positions along the
-diagonal, and ``attrs["affine"]`` holds the full 4x4). Units are in each array's ``units`` attribute.
+diagonal, and ``attrs["affine"]`` holds the full 4x4). The leading dimensions have coordinates too:
+``component`` (``xx yy zz xy xz yz``) and ``axis`` (``i j k``). Each array carries CF-style ``units``
+(UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel indices) and a ``long_name``.
+
+The root's consolidated metadata is rewritten at the end of every run and report (:func:`consolidate`), so
+``xarray.open_zarr(root, group=PAIR)`` opens without a warning; equiqc itself always reads the store as it is
+on disk.
 
 A pair is complete only when its marker (group attribute ``equiqc_complete``: model, method, perturbation
 config, K, seed, package version, input hash) is written *after* all its arrays. Arrays without a marker are
@@ -30,15 +36,18 @@ from equiqc.pipeline.estimator import UncertaintyResult
 MARKER = "equiqc_complete"
 AXES = ("x", "y", "z")
 COMPONENT_NAMES = {(0, 0): "xx", (1, 1): "yy", (2, 2): "zz", (0, 1): "xy", (0, 2): "xz", (1, 2): "yz"}
-ARRAYS = {  # name -> (leading dim or None, units)
-    "std_mm": (None, "mm"),
-    "n_valid": (None, "count"),
-    "covariance_mm2": ("component", "mm^2"),
-    "intrinsic_spread_mm2": ("component", "mm^2"),
-    "bias_jitter_mm2": ("component", "mm^2"),
-    "mean_map": ("axis", "source voxel index (RAS+ source grid)"),
-    "prediction_map": ("axis", "source voxel index (RAS+ source grid)"),
+ARRAYS = {  # name -> (leading dim or None, CF/UDUNITS units, long_name)
+    "std_mm": (None, "mm", "registration uncertainty: per-voxel spread of the composed predictions"),
+    "n_valid": (None, "1", "number of perturbed predictions valid at the voxel"),
+    "covariance_mm2": ("component", "mm2", "covariance of the composed predictions (source world axes)"),
+    "intrinsic_spread_mm2": ("component", "mm2", "covariance of a stochastic model's draws (source world axes)"),
+    "bias_jitter_mm2": ("component", "mm2", "covariance of the per-perturbation mean draws (source world axes)"),
+    "mean_map": ("axis", "1", "mean composed map: source voxel index (RAS+ source grid) of each target voxel"),
+    "prediction_map": ("axis", "1", "unperturbed prediction: source voxel index (RAS+ source grid) of each "
+                       "target voxel"),
 }
+# Labels of the leading dimensions, stored as coordinate arrays so that ``.sel(component="xx")`` works.
+MAP_AXES = ("i", "j", "k")  # source voxel axes (RAS+ source grid)
 
 
 # Result-key entries that change underneath an unchanged configuration (the model file was replaced, equiqc's
@@ -56,7 +65,25 @@ class ResultConfigMismatch(RuntimeError):
 
 
 def open_results(root: str | Path) -> zarr.Group:
-    return zarr.open_group(str(root), mode="a", zarr_format=3)
+    return zarr.open_group(str(root), mode="a", zarr_format=3, use_consolidated=False)
+
+
+def _open(root: str | Path, mode: str = "r") -> zarr.Group:
+    """The store as it is on disk: never through the consolidated metadata, which only describes the pairs
+    that existed at the last :func:`consolidate` (other runs or shards may have written since)."""
+    return zarr.open_group(str(root), mode=mode, use_consolidated=False)
+
+
+def consolidate(root: str | Path) -> None:
+    """Write the store's consolidated metadata (the root ``zarr.json`` then describes every pair and array), so
+    ``xarray.open_zarr(root, group=PAIR)`` and :func:`open_cohort_results` open without listing the store. Done
+    by the client at the end of every run and report. Zarr warns that consolidated metadata is not yet part of
+    the Zarr v3 specification (zarr-python and xarray read it); that warning is expected here and silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(root))
 
 
 def status(root: str | Path, pair_id: str, config: dict | None = None, input_hash: str | None = None) -> str:
@@ -64,7 +91,7 @@ def status(root: str | Path, pair_id: str, config: dict | None = None, input_has
     files, other weights or older numerics: recompute) or ``mismatch`` (another configuration: refuse unless
     overwriting)."""
     try:
-        group = zarr.open_group(str(root), mode="r")[pair_id]
+        group = _open(root)[pair_id]
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return "missing"
     marker = group.attrs.get(MARKER)
@@ -92,7 +119,7 @@ def write_failure(root: str | Path, pair_id: str, config: dict, input_hash: str 
 def read_failure(root: str | Path, pair_id: str, config: dict, input_hash: str | None) -> dict | None:
     """The failure record of ``pair_id`` for this configuration and these inputs, else None."""
     try:
-        record = dict(zarr.open_group(str(root), mode="r")[pair_id].attrs).get(FAILURE)
+        record = dict(_open(root)[pair_id].attrs).get(FAILURE)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     if record and record.get("config") == config and record.get("input_hash") == input_hash:
@@ -102,7 +129,7 @@ def read_failure(root: str | Path, pair_id: str, config: dict, input_hash: str |
 
 def read_marker(root: str | Path, pair_id: str) -> dict | None:
     try:
-        return dict(zarr.open_group(str(root), mode="r")[pair_id].attrs).get(MARKER)
+        return dict(_open(root)[pair_id].attrs).get(MARKER)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
 
@@ -129,8 +156,13 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         arr = group.create_array(axis, shape=values.shape, dtype=np.float64, dimension_names=[axis])
         arr[...] = values
         arr.attrs.update({"units": "mm", "long_name": f"world {axis} of voxel centres (RAS+)"})
-    labels = [COMPONENT_NAMES[c] for c in result.components]
-    for name, (lead, units) in ARRAYS.items():
+    labels = {"component": [COMPONENT_NAMES[c] for c in result.components], "axis": list(MAP_AXES[: len(spatial)])}
+    for lead, values in labels.items():
+        arr = group.create_array(lead, shape=(len(values),), dtype=str, dimension_names=[lead], fill_value="")
+        arr[...] = np.array(values)
+        arr.attrs["long_name"] = ("covariance component (source world axes x y z, RAS+)" if lead == "component"
+                                  else "source voxel axis (RAS+ source grid)")
+    for name, (lead, units, long_name) in ARRAYS.items():
         data = getattr(result, name)
         if data is None:
             continue
@@ -141,9 +173,7 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, dimension_names=dims,
                                  fill_value=np.nan if data.dtype.kind == "f" else 0)
         arr[...] = data
-        arr.attrs.update({"units": units})
-        if lead == "component":
-            arr.attrs["components"] = labels
+        arr.attrs.update({"units": units, "long_name": long_name})
     group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
     group.attrs[MARKER] = {"config": config, "input_hash": input_hash, **(extra or {})}
 
@@ -159,11 +189,28 @@ def _diff(old: dict, new: dict) -> str:
 
 def open_pair(root: str | Path, pair_id: str):
     """One pair's results as an ``xarray.Dataset`` (lazy, dask-backed; dims ``x y z`` with world-mm coordinates,
-    plus ``component`` / ``axis`` for the covariance and the maps)."""
+    plus ``component`` (``xx yy zz xy xz yz``) and ``axis`` (``i j k``) coordinates for the covariance and the
+    maps): ``open_pair(root, pid).covariance_mm2.sel(component="xy")``."""
     import xarray as xr
 
     read_array(root, pair_id, "std_mm")  # a clear ResultNotFound for a wrong pair id or store
-    return xr.open_zarr(str(root), group=pair_id, consolidated=False)
+    try:
+        return xr.open_zarr(str(root), group=pair_id, consolidated=True)
+    except (KeyError, ValueError, FileNotFoundError):  # not consolidated yet (a run still writing)
+        return xr.open_zarr(str(root), group=pair_id, consolidated=False)
+
+
+def open_cohort_results(root: str | Path):
+    """Every pair's results as one ``xarray.DataTree`` (lazy): ``tree[PAIR_ID]`` is :func:`open_pair`'s Dataset,
+    the node's attributes hold its affine and completion marker. Reads the consolidated metadata written at the
+    end of each run, so opening does not list the store."""
+    import xarray as xr
+
+    try:
+        _open(root)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
+    return xr.open_datatree(str(root), engine="zarr", consolidated=True, chunks={})
 
 
 class ResultNotFound(UserError, LookupError):
@@ -181,14 +228,14 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
     Raises :class:`ResultNotFound` naming the pairs (or arrays) that do exist when ``pair_id`` (or ``name``)
     is not there."""
     try:
-        root_group = zarr.open_group(str(root), mode="r")
+        root_group = _open(root)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
     pairs = [k for k, _ in root_group.groups()]
     if pair_id not in pairs:
         raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}")
     group = root_group[pair_id]
-    arrays = [k for k, _ in group.arrays() if k not in AXES]
+    arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
     if name not in arrays:
         raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}")
     arr = group[name]
@@ -198,7 +245,7 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
 def invalidate(root: str | Path, pair_id: str) -> None:
     """Remove a pair's completion marker (its inputs changed); the arrays are recomputed on the next run."""
     try:
-        group = zarr.open_group(str(root), mode="r+")[pair_id]
+        group = _open(root, "r+")[pair_id]
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return
     if MARKER in group.attrs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -281,11 +282,23 @@ def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
     affine[:3, 3] = [-10, 5, 0]
     res = fake_result(SHAPE, split=True)
     R.write_result(tmp_path / "r.zarr", "p1", res, affine, {"k": 8})
-    ds = xr.open_zarr(tmp_path / "r.zarr", group="p1", consolidated=False)
+    other = fake_result(SHAPE)
+    R.write_result(tmp_path / "r.zarr", "p2", other, affine, {"k": 8})
+    R.consolidate(tmp_path / "r.zarr")  # what every run and report does at its end
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # README's plain xarray call opens without a warning
+        ds = xr.open_zarr(tmp_path / "r.zarr", group="p1")
     assert ds["std_mm"].dims == ("x", "y", "z")
     assert ds["covariance_mm2"].dims == ("component", "x", "y", "z")
-    assert ds["covariance_mm2"].attrs["components"] == ["xx", "yy", "zz", "xy", "xz", "yz"]
-    assert ds["mean_map"].dims == ("axis", "x", "y", "z")
+    assert list(ds["component"].values) == ["xx", "yy", "zz", "xy", "xz", "yz"]
+    np.testing.assert_array_equal(ds["covariance_mm2"].sel(component="xy").values, res.covariance_mm2[3])
+    assert ds["mean_map"].dims == ("axis", "x", "y", "z") and list(ds["axis"].values) == ["i", "j", "k"]
+    assert ds["covariance_mm2"].attrs["units"] == "mm2" and ds["n_valid"].attrs["units"] == "1"
+    assert all(ds[v].attrs.get("long_name") for v in ds.data_vars)
+    tree = R.open_cohort_results(tmp_path / "r.zarr")  # the whole cohort as one DataTree
+    assert set(tree.children) == {"p1", "p2"}
+    np.testing.assert_array_equal(tree["p2"].to_dataset()["std_mm"].values, other.std_mm)
+    assert "intrinsic_spread_mm2" not in tree["p2"].to_dataset()
     np.testing.assert_allclose(ds["x"].values, -10 + 2 * np.arange(SHAPE[0]))
     np.testing.assert_allclose(ds["z"].values, 3 * np.arange(SHAPE[2]))
     assert ds["std_mm"].attrs["units"] == "mm"

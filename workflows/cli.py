@@ -1,4 +1,5 @@
-"""The ``equiqc`` command line: ingest, run, report, export, demo, estimate, options.
+"""The ``equiqc`` command line: ingest, run, report, export, demo, calibrate, estimate,
+options.
 
 Exit codes: 0 when a run completed with at least one complete pair (failed pairs are listed in the
 report); 2 for unusable input or configuration (bad manifest, bad option, unknown model, missing weights,
@@ -11,6 +12,7 @@ Building the parser imports neither torch nor Dask, so ``equiqc --help`` and ``-
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +41,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this (memory guard)")
     p.add_argument("--tolerance-mm", type=float, help="registration error (mm) a pair may have: above it the pair is "
                    "flagged with reason 'uncertainty' (default 3)")
+    p.add_argument("--calibration", help="calibration file from `equiqc calibrate` (expected error in mm and its "
+                   "upper bound); default: the one shipped for the model when the setting matches; 'none': no "
+                   "calibration")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace results of another configuration in the output folder")
     _model_declarations(p)
@@ -76,7 +81,7 @@ def _config(args: argparse.Namespace):
                        method=args.method, perturbation=args.perturbation, samples=args.samples,
                        batch_size=args.batch_size, seed=args.seed, cluster=args.cluster, scheduler=args.scheduler,
                        workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
-                       tolerance_mm=args.tolerance_mm)
+                       tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None))
 
 
 def _print_run(summary) -> None:
@@ -177,6 +182,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _exit_code(summary)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from equiqc.workflows.calibrate import calibrate
+
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(f"{out.stem}-cohort")
+    record = calibrate(_config(args), out, work, pairs=args.pairs, template=args.template,
+                       template_mask=args.template_mask, coverage=args.coverage, held_out=args.held_out,
+                       strength=tuple(args.strength), argv=sys.argv)
+    cal, held = record["calibration"], record["held_out"]
+    print(f"calibration: {out} ({len(cal['loo'])} pairs fitted; expected error = {math.exp(cal['intercept']):.3g} "
+          f"x (spread + {cal['floor_mm']} mm)^{cal['slope']:.2f} x {cal['smearing']:.3f})")
+    print(f"{cal['coverage']:.0%} upper bound, held-out coverage {held['covered']}/{held['n']} (95 % interval "
+          f"{held['coverage_ci95'][0]:.2f}-{held['coverage_ci95'][1]:.2f}); mean |expected - true| "
+          f"{held['mean_abs_error_of_expected_mm']:.2f} mm; cohort and its report: {work}")
+    return 0
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -246,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pairs", type=int, default=20)
     _run_options(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    cal = sub.add_parser("calibrate", help="fit a model's spread -> expected error (mm) mapping on a synthetic "
+                         "cohort with known maps (for equiqc run --calibration)")
+    cal.add_argument("--out", required=True, help="the calibration file to write (JSON)")
+    cal.add_argument("--work", help="folder for the calibration cohort and its run (default: OUT's name + -cohort)")
+    cal.add_argument("--template", help="template NIfTI the cohort is built from (default: the model's own atlas "
+                     "for multipropreg, MNI152 2009 at 2 mm otherwise)")
+    cal.add_argument("--template-mask", help="the template's evaluation region (default: voxels above 5 %% of its "
+                     "maximum)")
+    cal.add_argument("--pairs", type=int, default=40, help="pairs in the calibration cohort (default 40)")
+    cal.add_argument("--held-out", type=float, default=0.3, help="fraction of pairs kept aside to measure the "
+                     "bound's coverage (default 0.3)")
+    cal.add_argument("--coverage", type=float, default=0.9, help="stated coverage of the upper bound (default 0.9)")
+    cal.add_argument("--strength", type=float, nargs=2, default=(0.25, 2.0), metavar=("LO", "HI"),
+                     help="each pair's map ranges are the demo's times a factor in [LO, HI] (default 0.25 2)")
+    _run_options(cal)
+    cal.set_defaults(func=_cmd_calibrate)
 
     est = sub.add_parser("estimate", help="uncertainty of one pair, in this process (no cluster)")
     est.add_argument("source", help="source image (.nii/.nii.gz)")

@@ -75,6 +75,9 @@ class RunConfig:
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
+    calibration: str | None = _opt(None, "calibration file (equiqc calibrate) giving expected_error_mm and its upper "
+                                   "bound; default: the one shipped for the model when the setting matches; "
+                                   "'none': no calibration")
     # Filled by the run from the model it loaded, never by the user: the weights' checksum keys resume.
     weights_sha256: str | None = _opt(None, "sha256 of the model's weights file (set by the run)", internal=True)
 
@@ -109,6 +112,13 @@ class RunConfig:
                 "perturbation": self.perturbation_config().to_dict(), "samples": self.samples,
                 "batch_size": self.batch_size, "draws": self.draws, "seed": self.seed,
                 "numerics_version": NUMERICS_VERSION}
+
+    def calibration_setting(self) -> dict:
+        """What a calibration depends on (a calibration file's ``setting`` must equal it): the model and its
+        weights' checksum, model options, method, perturbation, K and draws. Not the seed or batch size."""
+        return {"model": self.model, "weights_sha256": self.weights_sha256, "model_options": self.model_options,
+                "method": self.method, "perturbation": self.perturbation_config().to_dict(),
+                "samples": self.samples, "draws": self.draws}
 
     def to_dict(self) -> dict:
         return asdict(self)

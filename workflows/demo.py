@@ -44,8 +44,15 @@ class DemoCohort:
     truth: dict[str, str]  # pair_id -> "good" or the failure kind
 
 
-def _templates(atlas: str = "mni"):
-    """(T1, affine, brain mask, tissue/structure labels) of the demo's atlas: ``mni`` or ``multipropreg``."""
+def _templates(atlas: str | Path = "mni", mask: str | Path | None = None):
+    """(T1, affine, brain mask, tissue/structure labels or None) of the demo's atlas: ``mni``, ``multipropreg``
+    or a template file (its mask: ``mask``, else the voxels above 5 % of its maximum)."""
+    if isinstance(atlas, Path):
+        from equiqc.storage.nifti import load_volume
+
+        volume = load_volume(atlas)
+        brain = load_volume(mask).data > 0 if mask else volume.data > 0.05 * volume.data.max()
+        return volume.data, volume.affine, brain, None
     if atlas == "multipropreg":
         from equiqc.pipeline.backends.multipropreg import load_atlas
 
@@ -116,19 +123,25 @@ def _intensity(img: np.ndarray, gen: torch.Generator) -> np.ndarray:
 
 
 def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_fraction: float = 0.2,
-                      atlas: str = "mni") -> DemoCohort:
+                      atlas: str | Path = "mni", mask: str | Path | None = None,
+                      strength: tuple[float, float] = (1.0, 1.0), failures_only: bool = False) -> DemoCohort:
     """Write the synthetic cohort (NIfTI + manifest.csv) under ``out/data``.
 
-    ``atlas``: ``mni`` (nilearn's MNI152 2009 at 2 mm, tissue labels csf/gm/wm) or ``multipropreg`` (the
-    MultiPropReg package's 1 mm skull-stripped atlas and its 14-label segmentation).
+    ``atlas``: ``mni`` (nilearn's MNI152 2009 at 2 mm, tissue labels csf/gm/wm), ``multipropreg`` (the
+    MultiPropReg package's 1 mm skull-stripped atlas and its 14-label segmentation) or a template file (a
+    ``Path``; ``mask`` its region, no labels). ``strength = (lo, hi)``: each good pair's map ranges (rotation,
+    translation, scaling, velocity) are scaled by a factor drawn uniformly in ``[lo, hi]`` (``(1, 1)``: the
+    demo's ranges, drawing nothing extra, so the demo's cohort does not change). ``failures_only``: every pair
+    is an injected failure (the four kinds in turn), for measuring the decision.
     """
     out = Path(out) / "data"
     out.mkdir(parents=True, exist_ok=True)
-    t1, affine, brain, labels = _templates(atlas)
+    t1, affine, brain, labels = _templates(atlas, mask)
     save_volume(out / "atlas.nii.gz", t1, affine)
     save_volume(out / "atlas_brain_mask.nii.gz", brain.astype(np.uint8), affine)
-    save_volume(out / "atlas_tissue_labels.nii.gz", labels, affine)
-    n_fail = int(round(pairs * failure_fraction))
+    if labels is not None:
+        save_volume(out / "atlas_tissue_labels.nii.gz", labels, affine)
+    n_fail = pairs if failures_only else int(round(pairs * failure_fraction))
     rng = np.random.default_rng(seed)
     failing = set(rng.choice(pairs, n_fail, replace=False).tolist()) if n_fail else set()
     gen = torch.Generator().manual_seed(seed)
@@ -139,6 +152,9 @@ def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_f
         if i in failing:
             kind = FAILURE_KINDS[kind_i % len(FAILURE_KINDS)]
             kind_i += 1
+        if kind == "good" and strength != (1.0, 1.0):
+            f = strength[0] + (strength[1] - strength[0]) * float(torch.rand(1, generator=gen))
+            options = {"rot_deg": 4.0 * f, "shift_mm": 4.0 * f, "scale": 0.04 * f, "vel_mm": 2.0 * f}
         if kind == "extreme_deformation":
             options = {"vel_mm": 8.0}
         elif kind == "large_rotation":
@@ -158,8 +174,8 @@ def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_f
         save_volume(out / f"{sid}_to_atlas_truth.nii.gz", np.moveaxis(inv[0].float().numpy(), 0, -1), affine)
         rows.append({"subject_id": sid, "pair_id": f"{sid}_to_atlas", "source": f"{sid}_T1w.nii.gz",
                      "target": "atlas.nii.gz", "target_mask": "atlas_brain_mask.nii.gz",
-                     "target_labels": "atlas_tissue_labels.nii.gz",
-                     "ground_truth": f"{sid}_to_atlas_truth.nii.gz"})
+                     "ground_truth": f"{sid}_to_atlas_truth.nii.gz"}
+                    | ({"target_labels": "atlas_tissue_labels.nii.gz"} if labels is not None else {}))
         truth[f"{sid}_to_atlas"] = kind
     manifest = out / "manifest.csv"
     write_manifest(manifest, rows)

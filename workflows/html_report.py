@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from scipy.ndimage import uniform_filter  # noqa: E402
 
 from equiqc.pipeline import transforms as T  # noqa: E402
+from equiqc.storage.atomic import write_text_atomic  # noqa: E402
 from equiqc.storage.cohort import read_pair  # noqa: E402
 from equiqc.storage.decisions import RATINGS  # noqa: E402
 from equiqc.storage.results import read_array  # noqa: E402
@@ -190,11 +191,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         hist=f"<img alt='risk histogram' src='{risk_histogram(frame)}'>",
         scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
         head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)))
-    path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out_dir / "report.html", page)
 
 
 TEMPLATE = """<!doctype html>

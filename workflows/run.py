@@ -7,8 +7,9 @@ Output folder layout (``DIR``)::
     DIR/report.parquet   one row per manifest row; DIR/subjects.parquet worst pair per subject
     DIR/decisions.tsv    the decision per pair; DIR/exclude.tsv the pairs to drop; DIR/ratings.tsv people's
                          ratings (storage.decisions)
-    DIR/run.json         the manifest path, configuration, result key and provenance of the run
-                         (``equiqc report`` reads it; provenance: see equiqc.workflows.provenance)
+    DIR/run.json         the manifest path, configuration, result key, provenance and calibration of the run
+                         (``equiqc report`` reads it; provenance: see equiqc.workflows.provenance; calibration:
+                         equiqc.workflows.calibrate)
     DIR/.equiqc-locks/   the leases of the runs writing here (storage.locks)
 
 The graph is built with ``client.submit``: each pair's estimation task depends on its ingest task, so a
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 import traceback
@@ -31,11 +31,14 @@ from pathlib import Path
 
 from distributed import as_completed
 
+from equiqc.pipeline.calibration import apply_calibration
 from equiqc.pipeline.decision import decide
+from equiqc.storage.atomic import write_text_atomic
 from equiqc.storage.locks import Lease, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
 from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
+from equiqc.workflows.calibrate import CalibrationChoice, choose_calibration
 from equiqc.workflows.cluster import ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
@@ -62,12 +65,12 @@ class RunSummary:
         return [r for r in self.rows if r["status"] == "complete" and r.get("flagged")]
 
 
-def _html(out_dir: Path, config: RunConfig, provenance: dict, log) -> Path | None:
+def _html(out_dir: Path, config: RunConfig, provenance: dict, calibration: CalibrationChoice, log) -> Path | None:
     """Write report.html; a failure here is reported but never costs the Parquet report."""
     from equiqc.workflows.html_report import write_html_report
 
     meta = {"model": config.model, "method": config.method, "perturbation": config.perturbation_config().kind,
-            "K": config.samples, "seed": config.seed}
+            "K": config.samples, "seed": config.seed, "calibration": calibration.summary}
     meta.update(provenance_summary(provenance))
     try:
         return write_html_report(out_dir, meta=meta)
@@ -108,9 +111,7 @@ def check_previous_run(out_dir: Path, config: RunConfig, log=LOGGER.info) -> Non
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -137,10 +138,12 @@ def select_shard(specs: list[PairSpec], shard: tuple[int, int] | None) -> list[P
 
 
 def _prepare(manifest: str | Path, config: RunConfig, shard: tuple[int, int] | None):
-    """Everything checked before any work: the manifest, the shard, the model (loaded once here)."""
+    """Everything checked before any work: the manifest, the shard, the model (loaded once here), the
+    calibration (a given file must match the run's setting)."""
     specs = select_shard(read_manifest(manifest), shard)  # ManifestError stops everything before any work
     model = probe_model(config)  # ConfigError stops everything before any work
-    return specs, model, dataclasses.replace(config, weights_sha256=model.weights_sha256)
+    config = dataclasses.replace(config, weights_sha256=model.weights_sha256)
+    return specs, model, config, choose_calibration(config)
 
 
 def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, handle: ClusterHandle | None = None,
@@ -150,7 +153,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
     Before any work: the manifest is read and checked, and the model is loaded once here (ConfigError for an
     unknown model, missing weights, a bad model option or ``draws > 1`` on a deterministic model). A shard
     writes its pairs' results and no report: ``equiqc report DIR`` merges every shard's results into one."""
-    specs, model, config = _prepare(manifest, config, shard)
+    specs, model, config, calibration = _prepare(manifest, config, shard)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -163,7 +166,8 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         try:
             provenance = environment(model, list(handle.client.run(device_description).values()), started, argv)
             record = {"manifest": str(Path(manifest).resolve()), "config": config.to_dict(),
-                      "result_key": config.result_key(), "provenance": provenance}
+                      "result_key": config.result_key(), "provenance": provenance,
+                      "calibration": calibration.to_record()}
             _write_json_atomic(out_dir / "run.json", record)
             if handle.dashboard:
                 log(f"Dask dashboard: {handle.dashboard}")
@@ -177,7 +181,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         computed = sum(1 for r in rows if r.pop("_computed", False))
         if shard is not None:
             return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard)
-        report, html_path = _finish(rows, specs, out_dir, config, provenance, log)
+        report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, log)
     return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
 
 
@@ -192,19 +196,24 @@ def _crash_files(rows: list[dict], out_dir: Path) -> None:
 
 
 def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunConfig, provenance: dict,
-            log) -> tuple[Path, Path | None]:
-    """The decision (reasons, risk, people's ratings) and every report file of a whole cohort."""
+            calibration: CalibrationChoice, log) -> tuple[Path, Path | None]:
+    """The decision (expected errors, reasons, risk, people's ratings) and every report file of a whole cohort."""
     from equiqc.storage.decisions import decision_table, session_of, stored_ratings, write_decisions
+    from equiqc.storage.results import consolidate
 
+    if (out_dir / "results.zarr").exists():
+        consolidate(out_dir / "results.zarr")  # xarray then opens any pair without listing the store
+    apply_calibration(rows, calibration.calibration)
     decide(rows, config.decision_rules())
     ratings = stored_ratings(out_dir)
     sessions = {s.pair_id: session_of(s.pair_id, s.source.name) for s in specs}
     table = decision_table(rows, ratings, sessions)
     for row, rating in zip(rows, table["rating"], strict=True):
         row["rating"] = rating or None
-    report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict()})
+    report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict(),
+                                                      "calibration": calibration.to_record()})
     write_decisions(table, out_dir)
-    return report, _html(out_dir, config, provenance, log)
+    return report, _html(out_dir, config, provenance, calibration, log)
 
 
 def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
@@ -215,7 +224,7 @@ def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
     from equiqc.storage.cohort import input_hashes, pair_status
     from equiqc.workflows.cluster import cluster_kwargs, job_script, uses_gpu
 
-    specs, model, config = _prepare(manifest, config, shard)
+    specs, model, config, calibration = _prepare(manifest, config, shard)
     out_dir = Path(out_dir)
     key, complete, unreadable = config.result_key(), [], []
     for spec in specs:
@@ -233,7 +242,8 @@ def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
              f"output: {out_dir.resolve()}",
              f"model: {model.name} (weights {model.weights_path or 'none'}, sha256 {model.weights_sha256 or 'n/a'})",
              f"pairs: {len(specs)}: {todo} to compute, {len(complete)} already complete"
-             + (f", {len(unreadable)} with unreadable input files" if unreadable else "")]
+             + (f", {len(unreadable)} with unreadable input files" if unreadable else ""),
+             f"calibration: {calibration.summary}"]
     if config.scheduler:
         lines.append(f"cluster: the existing scheduler {config.scheduler}"
                      + (" (tasks ask for GPU=1: its workers must advertise it)" if uses_gpu(config) else ""))
@@ -344,5 +354,6 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
         row.pop("_computed", None)
         rows.append(row)
     _crash_files(rows, out_dir)
-    report, html_path = _finish(rows, specs, out_dir, config, provenance, LOGGER.info)
+    calibration = CalibrationChoice.from_record(info.get("calibration"))
+    report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, LOGGER.info)
     return RunSummary(rows, report, time.perf_counter() - start, html=html_path)
