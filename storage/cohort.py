@@ -3,8 +3,9 @@
 Each volume is reoriented to closest-canonical RAS+ (:mod:`equiqc.storage.nifti`) and stored as a Zarr v3 array
 with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``original_shape``,
 ``orientation`` (the file's axis codes), ``spacing_mm``, ``source_dtype``, ``sha256`` (of the file's
-bytes) and ``path``. Images are stored as float32, masks as uint8, labels as int32, ground-truth maps as
-float32 ``(3, X, Y, Z)``.
+bytes), ``path`` and ``header`` (the NIfTI header fields outputs on this grid copy:
+:func:`equiqc.storage.nifti.header_fields`). Images are stored as float32, masks as uint8, labels as int32,
+ground-truth maps as float32 ``(3, X, Y, Z)``.
 
 Chunks are 64^3 voxels (1 MiB of float32): a worker reads a whole volume, so chunks only need to be
 large enough to compress well and to be read in parallel, and small enough that a slice view (the HTML
@@ -176,6 +177,7 @@ def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None
             "affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
             "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
             "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
+            "header": vol.header,
         })
     group.attrs.update({"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
                         "roles": sorted(loaded)})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
 from equiqc.errors import UserError
 
@@ -33,6 +34,7 @@ class Volume:
     original_affine: np.ndarray
     original_shape: tuple[int, ...]
     orientation: tuple[str, ...]
+    header: dict | None = None  # the file's NIfTI header fields outputs copy (header_fields); None: not NIfTI
 
     @property
     def spacing_mm(self) -> tuple[float, ...]:
@@ -63,9 +65,49 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
         raise VolumeError(f"{path}: expected a 3D volume (or 4D with one volume), got shape {data.shape}")
     # reorientation may leave negative strides (flipped axes): make the array contiguous for torch and zarr
     return Volume(np.ascontiguousarray(data, dtype=dtype), canonical.affine.astype(np.float64),
-                  img.affine.astype(np.float64), tuple(int(n) for n in img.shape[:3]), orientation)
+                  img.affine.astype(np.float64), tuple(int(n) for n in img.shape[:3]), orientation,
+                  header_fields(img.header))
+
+
+def header_fields(header) -> dict | None:
+    """What an output on this file's grid copies from its NIfTI header: sform and qform codes, spatial unit."""
+    if not isinstance(header, nib.Nifti1Header):  # NIfTI-2 headers derive from it
+        return None
+    return {"sform_code": int(header["sform_code"]), "qform_code": int(header["qform_code"]),
+            "xyz_units": header.get_xyzt_units()[0]}
+
+
+def save_like_header(path: str | Path, data: np.ndarray, affine: np.ndarray, fields: dict | None) -> Path:
+    """Write ``data`` on the grid ``affine`` as NIfTI with the sform/qform codes and spatial unit of ``fields``
+    (:func:`header_fields` of the file the grid came from; None: nibabel's defaults, sform code 2)."""
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    if fields:
+        img.set_sform(affine, code=fields["sform_code"])
+        img.set_qform(affine, code=fields["qform_code"])
+        img.header.set_xyzt_units(xyz=fields["xyz_units"] if fields["xyz_units"] != "unknown" else "mm")
+    else:
+        img.header.set_xyzt_units(xyz="mm")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return Path(path)
 
 
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Write a 3D (or 3D + channels) array with its voxel-to-world affine as NIfTI."""
     nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64)), str(path))
+
+
+RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+def to_original_orientation(data: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
+    """RAS+ array (spatial axes first) -> the array order of the file whose affine is ``original_affine``: the
+    inverse of :func:`load_volume`'s reorientation (a permutation and flips, no resampling)."""
+    return apply_orientation(data, ornt_transform(RAS, io_orientation(original_affine)))
+
+
+def save_on_original_grid(path: str | Path, data: np.ndarray, grid: Volume) -> Path:
+    """Write a RAS+ array (spatial axes first, components last) on the original file grid of ``grid`` (a loaded
+    :class:`Volume`), with that file's affine and header fields: it overlays the file voxel for voxel."""
+    return save_like_header(path, to_original_orientation(data, grid.original_affine), grid.original_affine,
+                            grid.header)

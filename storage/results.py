@@ -213,6 +213,15 @@ def open_cohort_results(root: str | Path):
     return xr.open_datatree(str(root), engine="zarr", consolidated=True, chunks={})
 
 
+def complete_pairs(root: str | Path) -> list[str]:
+    """The pairs of the store with a completion marker (of any configuration), sorted."""
+    try:
+        root_group = _open(root)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
+    return sorted(name for name, group in root_group.groups() if MARKER in group.attrs)
+
+
 class ResultNotFound(UserError, LookupError):
     """A pair or array asked for by name is not in the result store; the message lists what is."""
 

@@ -17,7 +17,7 @@ from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.moments import components
 from equiqc.storage import results as R
 from equiqc.storage.cohort import ingest_pair, pair_status, read_pair
-from equiqc.storage.export import export_nifti
+from equiqc.storage.export import export_array
 from equiqc.storage.manifest import ManifestError, derive_pair_id, read_manifest
 from equiqc.storage.report import SCHEMA, write_report
 
@@ -124,15 +124,15 @@ def test_ingest_round_trip_keeps_geometry_and_export_restores_the_original_grid(
     # A result equal to the stored target must export back to the original file voxel for voxel.
     result = fake_result(target.data.shape, std=target.data)
     R.write_result(res, spec.pair_id, result, target.affine, {"k": 1})
-    out = export_nifti(res, store, spec.pair_id, "std_mm", tmp_path / "std.nii.gz")
+    out = export_array(res, store, spec.pair_id, "std_mm", tmp_path / "std.nii.gz")
     img = nib.load(str(out))
     np.testing.assert_array_equal(np.asarray(img.dataobj), tgt)
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
-    cov = nib.load(str(export_nifti(res, store, spec.pair_id, "covariance_mm2", tmp_path / "cov.nii.gz")))
+    cov = nib.load(str(export_array(res, store, spec.pair_id, "covariance_mm2", tmp_path / "cov.nii.gz")))
     assert cov.shape == (*SHAPE, 6)
 
 
-def test_map_export_is_a_world_displacement(tmp_path):
+def test_map_export_is_an_itk_world_displacement(tmp_path):
     affine = np.diag([2.0, 3.0, 1.5, 1.0])
     cohort_files(tmp_path, affine)
     spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
@@ -142,10 +142,11 @@ def test_map_export_is_a_world_displacement(tmp_path):
     result.prediction_map = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")).astype(np.float32)
     result.prediction_map[0] += 1.0  # one source voxel along x = 2 mm
     R.write_result(res, spec.pair_id, result, affine, {"k": 1})
-    disp = np.asarray(nib.load(str(export_nifti(res, store, spec.pair_id, "prediction_map",
+    disp = np.asarray(nib.load(str(export_array(res, store, spec.pair_id, "prediction_map",
                                                 tmp_path / "d.nii.gz"))).dataobj)
-    np.testing.assert_allclose(disp[..., 0], 2.0, atol=1e-5)
-    np.testing.assert_allclose(disp[..., 1:], 0.0, atol=1e-5)
+    assert disp.shape == (*SHAPE, 1, 3)  # ITK/ANTs: 5D, LPS vectors (+2 mm along R is -2 mm along L)
+    np.testing.assert_allclose(disp[..., 0, 0], -2.0, atol=1e-5)
+    np.testing.assert_allclose(disp[..., 0, 1:], 0.0, atol=1e-5)
 
 
 def test_ground_truth_indices_follow_a_non_ras_source_into_the_ras_arrays(tmp_path):

@@ -125,3 +125,4 @@ def test_cli_run_report_export(cohort, tmp_path, capsys):
     assert main(["export", str(out), "--pair", "sub-001_to_atlas", "--to", str(tmp_path / "nii"),
                  "--arrays", "std_mm,prediction_map"]) == 0
     assert (tmp_path / "nii" / "sub-001_to_atlas_std_mm.nii.gz").exists()
+    assert (tmp_path / "nii" / "sub-001_to_atlas_prediction_map_xfm.nii.gz").exists()

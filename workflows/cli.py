@@ -149,13 +149,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from equiqc.storage.export import export_nifti
+    from equiqc.storage.export import MAPS, export_array
+    from equiqc.storage.results import complete_pairs
 
-    out = Path(args.to)
-    for name in args.arrays.split(","):
-        path = export_nifti(Path(args.dir) / "results.zarr", Path(args.dir) / "cohort.zarr", args.pair, name,
-                            out / f"{args.pair}_{name}.nii.gz")
-        print(path)
+    results, out = Path(args.dir) / "results.zarr", Path(args.to)
+    pairs = complete_pairs(results) if args.all else args.pair
+    for pair in pairs:
+        for name in args.arrays.split(","):
+            file = f"{pair}_{name}_xfm.{args.transform_format}" if name in MAPS else f"{pair}_{name}.nii.gz"
+            print(export_array(results, Path(args.dir) / "cohort.zarr", pair, name, out / file))
     return 0
 
 
@@ -204,7 +206,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     from equiqc.pipeline.backends.registry import load_backend
     from equiqc.pipeline.estimator import estimate_uncertainty
-    from equiqc.storage.nifti import load_volume, save_volume
+    from equiqc.storage.nifti import load_volume, save_on_original_grid
     from equiqc.workflows.config import make_config
     from equiqc.workflows.provenance import probe_model
 
@@ -218,8 +220,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
                                   config.estimator_config(), seed=config.seed)
     print(f"mean std_mm: {np.nanmean(result.std_mm):.4f} mm over {int((result.n_valid >= 2).sum())} voxels")
     if args.out:
-        save_volume(args.out, result.std_mm, target.affine)
-        print(f"std_mm map (target grid, RAS+): {args.out}")
+        save_on_original_grid(args.out, result.std_mm, target)
+        print(f"std_mm map (mm, on the target file's own grid and header): {args.out}")
     return 0
 
 
@@ -256,11 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "note), merged into DIR/ratings.tsv; a rating decides over the flags and stays")
     rep.set_defaults(func=_cmd_report)
 
-    exp = sub.add_parser("export", help="write result arrays as NIfTI on the target's original grid")
+    exp = sub.add_parser("export", help="write result arrays as NIfTI on the target's original grid and header; "
+                         "maps as displacement fields ANTs, ITK and Slicer apply")
     exp.add_argument("dir", help="run folder")
-    exp.add_argument("--pair", required=True)
-    exp.add_argument("--to", required=True, help="folder for the NIfTI files")
-    exp.add_argument("--arrays", default="std_mm", help="comma-separated (std_mm,covariance_mm2,prediction_map...)")
+    which = exp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pair", action="append", help="a pair id (repeat the option for several)")
+    which.add_argument("--all", action="store_true", help="every pair with a complete result")
+    exp.add_argument("--to", required=True, help="folder for the files")
+    exp.add_argument("--arrays", default="std_mm", help="comma-separated (std_mm,n_valid,covariance_mm2,"
+                     "prediction_map,mean_map); maps become ITK displacement fields (LPS mm, target grid)")
+    exp.add_argument("--transform-format", choices=("nii.gz", "h5"), default="nii.gz",
+                     help="maps: 5D NIfTI (antsApplyTransforms) or an ITK .h5 transform (Slicer, ITK)")
     exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="synthetic MNI152 cohort with injected failures, run end to end")
