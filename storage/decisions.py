@@ -16,13 +16,15 @@ rated ``include`` (``unsure`` leaves the flag in charge).
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from equiqc.errors import UserError
-from equiqc.storage.atomic import atomic_path
+from equiqc.pipeline.decision import REASONS
+from equiqc.storage.atomic import atomic_path, write_text_atomic
 
 RATINGS = ("include", "exclude", "unsure")
 RATING_COLUMNS = ("pair_id", "rating", "rater", "note")
@@ -92,7 +94,7 @@ def decision_table(rows: list[dict], ratings: pd.DataFrame, sessions: dict[str, 
         given = rating.get(r["pair_id"], "")
         exclude = given == "exclude" or (bool(r.get("flagged")) and given != "include")
         records.append({"pair_id": r["pair_id"], "subject_id": r["subject_id"],
-                        "session": sessions.get(r["pair_id"], ""),
+                        "session": sessions.get(r["pair_id"]) or None,  # written n/a (BIDS)
                         "risk_score": r.get("risk_score"), "expected_error_mm": r.get("expected_error_mm"),
                         "expected_error_upper_mm": r.get("expected_error_upper_mm"),
                         "flag_reasons": ",".join(r.get("flag_reasons") or []), "rating": given,
@@ -100,10 +102,32 @@ def decision_table(rows: list[dict], ratings: pd.DataFrame, sessions: dict[str, 
     return pd.DataFrame(records, columns=list(DECISION_COLUMNS))
 
 
+# BIDS-style column descriptions, written beside the TSVs as decisions.json / exclude.json.
+COLUMN_DESCRIPTIONS = {
+    "pair_id": {"Description": "the pair (for BIDS input: the source image's entities)"},
+    "subject_id": {"Description": "the subject (sub-<label> for BIDS input)"},
+    "session": {"Description": "the BIDS session label, n/a when none"},
+    "risk_score": {"Description": "log2 of the pair's 95th-percentile spread over the cohort median, bounded to "
+                                  "[-8, 8] (equiqc.pipeline.decision)", "Units": "1"},
+    "expected_error_mm": {"Description": "calibrated expected mean registration error over the evaluation region; "
+                                         "n/a without a calibration", "Units": "mm"},
+    "expected_error_upper_mm": {"Description": "upper bound of the expected error at the calibration's stated "
+                                               "coverage (jackknife+); n/a without a calibration", "Units": "mm"},
+    "flag_reasons": {"Description": "comma-separated reasons the pair is flagged: " + ", ".join(REASONS)},
+    "rating": {"Description": "a person's rating from ratings.tsv", "Levels": {r: r for r in RATINGS}},
+    "exclude": {"Description": "drop the pair: rated exclude, or flagged and not rated include",
+                "Levels": {"true": "drop", "false": "keep"}},
+}
+
+
 def write_decisions(table: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``decisions.tsv`` and ``exclude.tsv`` (atomically); returns both paths."""
+    """Write ``decisions.tsv`` and ``exclude.tsv`` (atomically) with their JSON column descriptions; returns the
+    TSV paths."""
     out_dir = Path(out_dir)
     excluded = table[table["exclude"] == "true"][list(EXCLUDE_COLUMNS)]
+    for name, columns in (("decisions", DECISION_COLUMNS), ("exclude", EXCLUDE_COLUMNS)):
+        write_text_atomic(out_dir / f"{name}.json",
+                          json.dumps({c: COLUMN_DESCRIPTIONS[c] for c in columns}, indent=2) + "\n")
     return _write_tsv(table, out_dir / "decisions.tsv"), _write_tsv(excluded, out_dir / "exclude.tsv")
 
 

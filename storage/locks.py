@@ -10,9 +10,11 @@ and may be taken over, only when
 
 A lease held by a live run on another host is never taken over: the error names that host and pid.
 
-Scopes: an unsharded run takes ``all``; a shard ``I/N`` of a job array takes ``shard-I-of-N``. Two leases
-conflict when either is ``all``, when they are the same shard, or when they split the cohort differently
-(other N): shards of one split run side by side on one folder, anything else waits.
+Scopes: an unsharded run takes ``all``; a shard ``I/N`` of a job array takes ``shard-I-of-N``; a BIDS
+participant-level run takes ``participant-<label>`` for each participant it computes. Two leases conflict
+when either is ``all``, when they are the same scope, when they split the cohort differently (other N), or
+when one is a participant and the other a shard: shards of one split run side by side on one folder, so do
+different participants; anything else waits.
 
 Why not ``filelock``: its ``FileLock`` relies on ``fcntl``/``flock``, which NFS and Lustre honour only with
 particular mount options, and its ``SoftFileLock`` has no way to tell a live holder on another host from a
@@ -44,9 +46,17 @@ def shard_scope(shard: tuple[int, int] | None) -> str:
     return "all" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
 
 
+def participant_scope(label: str) -> str:
+    """The scope of a BIDS participant-level run for one participant (``equiqc bids ... participant``)."""
+    return f"participant-{label}"
+
+
 def _conflict(a: str, b: str) -> bool:
     if "all" in (a, b) or a == b:
         return True
+    pa, pb = a.startswith("participant-"), b.startswith("participant-")
+    if pa or pb:
+        return not (pa and pb)  # participants run side by side; a participant and a shard may share pairs
     na, nb = re.fullmatch(r"shard-\d+-of-(\d+)", a), re.fullmatch(r"shard-\d+-of-(\d+)", b)
     return not (na and nb and na.group(1) == nb.group(1))
 

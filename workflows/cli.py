@@ -1,4 +1,4 @@
-"""The ``equiqc`` command line: ingest, run, report, export, demo, calibrate, estimate,
+"""The ``equiqc`` command line: ingest, run, report, export, demo, calibrate, bids, estimate,
 options.
 
 Exit codes: 0 when a run completed with at least one complete pair (failed pairs are listed in the
@@ -88,14 +88,16 @@ def _print_run(summary) -> None:
     complete = len(summary.rows) - len(summary.failed)
     print(f"pairs: {len(summary.rows)} ({complete} complete, {len(summary.failed)} failed, "
           f"{summary.computed} computed this run) in {summary.seconds:.1f} s")
-    if not summary.shard:
+    if not summary.partial:
         print(f"flagged: {len(summary.flagged)}")
     for r in sorted(summary.flagged, key=lambda r: -r["risk_score"])[:10]:
         print(f"  {r['pair_id']}: {','.join(r['flag_reasons'])}; risk {r['risk_score']:.2f}, "
               f"mean / p95 uncertainty {r['uncertainty_mean_mm']:.2f} / {r['uncertainty_p95_mm']:.2f} mm")
     for r in summary.failed[:10]:
         print(f"  failed {r['pair_id']}: {r.get('error')}")
-    if summary.shard:
+    if summary.partial and not summary.shard:
+        print("participant level done; once every participant has run: equiqc bids BIDS_DIR OUT group")
+    elif summary.shard:
         print(f"shard {summary.shard[0]}/{summary.shard[1]} done; once every shard has run: equiqc report OUT "
               "(merges them into one report)")
     else:
@@ -201,6 +203,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bids(args: argparse.Namespace) -> int:
+    from equiqc.workflows.bids import group_level, participant_level
+
+    if args.level == "group":
+        summary = group_level(args.out, tolerance_mm=args.tolerance_mm, ratings=args.ratings)
+    else:
+        if not args.target:
+            print("equiqc: the participant level needs --target TEMPLATE.nii.gz (the image every pair registers to)",
+                  file=sys.stderr)
+            return 2
+        summary = participant_level(args.bids_dir, args.out, _config(args), args.target, args.target_mask,
+                                    args.target_labels, args.participant_label, args.session_label, args.suffix,
+                                    args.target_space, argv=sys.argv)
+    _print_run(summary)
+    return _exit_code(summary)
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -293,6 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="each pair's map ranges are the demo's times a factor in [LO, HI] (default 0.25 2)")
     _run_options(cal)
     cal.set_defaults(func=_cmd_calibrate)
+
+    bids = sub.add_parser("bids", help="BIDS App: participant level computes the participants' pairs and writes "
+                          "BIDS derivatives; group level writes the cohort decision and report")
+    bids.add_argument("bids_dir", help="the BIDS dataset's root folder")
+    bids.add_argument("out", help="the derivatives folder (also an equiqc run folder)")
+    bids.add_argument("level", choices=("participant", "group"))
+    bids.add_argument("--participant-label", nargs="+", help="participants to compute (default: all), with or "
+                      "without 'sub-'")
+    bids.add_argument("--session-label", nargs="+", help="only these sessions (with or without 'ses-')")
+    bids.add_argument("--suffix", default="T1w", help="the anat images to register (default T1w)")
+    bids.add_argument("--target", help="participant level: the template every image registers to (NIfTI)")
+    bids.add_argument("--target-mask", help="the template's evaluation region (NIfTI mask)")
+    bids.add_argument("--target-labels", help="the template's structure labels (NIfTI)")
+    bids.add_argument("--target-space", help="its BIDS space label (default: the tpl- entity or file name)")
+    bids.add_argument("--ratings", help="group level: a ratings TSV merged into OUT/ratings.tsv (see equiqc report)")
+    _run_options(bids)
+    bids.set_defaults(func=_cmd_bids)
 
     est = sub.add_parser("estimate", help="uncertainty of one pair, in this process (no cluster)")
     est.add_argument("source", help="source image (.nii/.nii.gz)")

@@ -20,6 +20,7 @@ the same command skips pairs whose completion marker matches (resume).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ from distributed import as_completed
 from equiqc.pipeline.calibration import apply_calibration
 from equiqc.pipeline.decision import decide
 from equiqc.storage.atomic import write_text_atomic
-from equiqc.storage.locks import Lease, shard_scope
+from equiqc.storage.locks import Lease, participant_scope, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
 from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
@@ -55,6 +56,7 @@ class RunSummary:
     dashboard: str | None = None
     html: Path | None = None
     shard: tuple[int, int] | None = None
+    partial: bool = False  # a shard or a subset of subjects: results written, no report (equiqc report merges)
 
     @property
     def failed(self) -> list[dict]:
@@ -137,27 +139,36 @@ def select_shard(specs: list[PairSpec], shard: tuple[int, int] | None) -> list[P
     return [s for s in specs if shard_of(s.pair_id, shard[1]) == shard[0]]
 
 
-def _prepare(manifest: str | Path, config: RunConfig, shard: tuple[int, int] | None):
+def _prepare(manifest: str | Path, config: RunConfig, shard: tuple[int, int] | None,
+             subjects: set[str] | None = None):
     """Everything checked before any work: the manifest, the shard, the model (loaded once here), the
     calibration (a given file must match the run's setting)."""
     specs = select_shard(read_manifest(manifest), shard)  # ManifestError stops everything before any work
+    if subjects is not None:
+        specs = [s for s in specs if s.subject_id in subjects]
     model = probe_model(config)  # ConfigError stops everything before any work
     config = dataclasses.replace(config, weights_sha256=model.weights_sha256)
     return specs, model, config, choose_calibration(config)
 
 
 def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, handle: ClusterHandle | None = None,
-               log=LOGGER.info, argv: list[str] | None = None, shard: tuple[int, int] | None = None) -> RunSummary:
-    """Run (or resume) the whole cohort, or shard ``(I, N)`` of it; returns the rows computed or found.
+               log=LOGGER.info, argv: list[str] | None = None, shard: tuple[int, int] | None = None,
+               subjects: set[str] | None = None) -> RunSummary:
+    """Run (or resume) the whole cohort, or shard ``(I, N)`` of it, or the pairs of ``subjects`` (subject ids,
+    a BIDS participant-level run); returns the rows computed or found.
 
     Before any work: the manifest is read and checked, and the model is loaded once here (ConfigError for an
-    unknown model, missing weights, a bad model option or ``draws > 1`` on a deterministic model). A shard
-    writes its pairs' results and no report: ``equiqc report DIR`` merges every shard's results into one."""
-    specs, model, config, calibration = _prepare(manifest, config, shard)
+    unknown model, missing weights, a bad model option or ``draws > 1`` on a deterministic model). A shard (or
+    a subset of subjects) writes its pairs' results and no report: ``equiqc report DIR`` merges every shard's
+    results into one."""
+    specs, model, config, calibration = _prepare(manifest, config, shard, subjects)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with Lease(out_dir, shard_scope(shard)), log_to_folder(out_dir):
+    scopes = [shard_scope(shard)] if subjects is None else [participant_scope(s) for s in sorted(subjects)]
+    with contextlib.ExitStack() as leases, log_to_folder(out_dir):
+        for scope in scopes:
+            leases.enter_context(Lease(out_dir, scope))
         LOGGER.debug(f"run of {len(specs)} pairs from {manifest} into {out_dir}; model {model}")
         check_previous_run(out_dir, config, log)
         started = now_utc()
@@ -179,8 +190,9 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         provenance["finished"] = now_utc()
         _write_json_atomic(out_dir / "run.json", record)
         computed = sum(1 for r in rows if r.pop("_computed", False))
-        if shard is not None:
-            return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard)
+        if shard is not None or subjects is not None:
+            return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard,
+                              partial=True)
         report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, log)
     return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
 

@@ -1,0 +1,107 @@
+"""BIDS datasets in: the anatomical images of a dataset, with their subject and session, as equiqc pairs.
+
+Indexing uses ancpbids (chosen by measured start-up time: on a synthetic 300-subject dataset with 400 T1w
+images it listed them in 0.8-1.1 s, bids2table in 2.2-2.5 s, pybids in 8.3-8.7 s;
+``benchmarks/bids_libraries.py``; it has no dependencies of its own). Its validator is not used: it applies
+raw-dataset rules to derivatives and asks for metadata no dataset holds (e.g. ``Genetics``), so equiqc checks
+what it needs itself: ``dataset_description.json`` with ``Name`` and ``BIDSVersion``, and at least one
+matching image.
+
+A pair is one image (``--suffix``, default ``T1w``, datatype ``anat``) registered to the target template. Its
+``pair_id`` is the image's entities without the suffix (``sub-01_ses-02_acq-mprage``), so every session (and
+acquisition, run...) is its own row; ``subject_id`` is ``sub-<label>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from equiqc.errors import UserError
+
+ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "run", "echo", "part", "chunk")
+
+
+class BidsError(UserError, ValueError):
+    """A BIDS dataset equiqc cannot use; the message names the folder and what to do."""
+
+
+@dataclass(frozen=True)
+class BidsImage:
+    path: Path
+    entities: dict[str, str]  # ancpbids short names: sub, ses, acq, run...
+    suffix: str
+
+    @property
+    def subject_id(self) -> str:
+        return f"sub-{self.entities['sub']}"
+
+    @property
+    def session(self) -> str:
+        return self.entities.get("ses", "")
+
+    @property
+    def stem(self) -> str:
+        """``sub-01_ses-02_acq-x``: the image's entities in BIDS order, without suffix and extension."""
+        order = [k for k in ENTITY_ORDER if k in self.entities] + sorted(set(self.entities) - set(ENTITY_ORDER))
+        return "_".join(f"{k}-{self.entities[k]}" for k in order)
+
+
+def _strip(labels: list[str] | None, prefix: str) -> set[str] | None:
+    return {label.removeprefix(prefix) for label in labels} if labels else None
+
+
+def dataset_description(bids_dir: Path) -> dict:
+    path = bids_dir / "dataset_description.json"
+    if not path.is_file():
+        raise BidsError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json); give the dataset's root "
+                        "folder")
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BidsError(f"{path}: not readable JSON ({exc})") from exc
+    missing = [k for k in ("Name", "BIDSVersion") if not (isinstance(description, dict) and description.get(k))]
+    if missing:
+        raise BidsError(f"{path}: required field {missing[0]!r} is missing (BIDS requires Name and BIDSVersion)")
+    return description
+
+
+def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
+             session_labels: list[str] | None = None, suffix: str = "T1w") -> list[BidsImage]:
+    """The dataset's ``anat`` images with ``suffix`` (``.nii``/``.nii.gz``), optionally only the given participants
+    and sessions (labels with or without ``sub-``/``ses-``), sorted by path. BidsError when the folder is not a
+    BIDS dataset, a participant label is not in it, or nothing matches."""
+    import ancpbids
+
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise BidsError(f"{bids_dir}: no such folder (give the BIDS dataset's root folder)")
+    dataset_description(bids_dir)
+    layout = ancpbids.BIDSLayout(str(bids_dir))
+    wanted_subjects, wanted_sessions = _strip(participant_labels, "sub-"), _strip(session_labels, "ses-")
+    images = []
+    for artifact in layout.get(suffix=suffix, extension=[".nii", ".nii.gz"], return_type="object"):
+        path = Path(artifact.get_absolute_path())
+        if path.parent.name != "anat":
+            continue
+        entities = {k: str(v) for k, v in artifact.get_entities().items()}
+        if "sub" not in entities:
+            continue
+        if wanted_subjects is not None and entities["sub"] not in wanted_subjects:
+            continue
+        if wanted_sessions is not None and entities.get("ses") not in wanted_sessions:
+            continue
+        images.append(BidsImage(path, entities, suffix))
+    if wanted_subjects:
+        found = {i.entities["sub"] for i in images}
+        absent = sorted(wanted_subjects - found)
+        if absent:
+            raise BidsError(f"{bids_dir}: participant {absent[0]!r} has no anat/*_{suffix}.nii[.gz] image "
+                            f"(with the sessions asked for)")
+    if not images:
+        raise BidsError(f"{bids_dir}: no anat/*_{suffix}.nii[.gz] image matches"
+                        + (f" participants {sorted(wanted_subjects)}" if wanted_subjects else "")
+                        + (f" sessions {sorted(wanted_sessions)}" if wanted_sessions else "")
+                        + "; check the labels and --suffix")
+    return sorted(images, key=lambda i: str(i.path))
