@@ -6,7 +6,7 @@ generator (``--failures`` pairs, the four kinds in turn: extreme deformation, la
 image, wrong image) and run through ``equiqc run`` with the same setting and that calibration.
 
 For each target failure rate ``r`` the cohort is the held-out good pairs plus ``round(r / (1 - r) * good)``
-failures drawn at random from the pool (``--draws`` times; the realised rate is printed). The decision
+failures (at least one for ``r > 0``; the realised rate is reported) drawn at random from the pool (``--draws`` times; the realised rate is printed). The decision
 (calibrated expected error, reasons, cohort context) is recomputed on each cohort exactly as ``equiqc run``
 does (:func:`equiqc.pipeline.calibration.apply_calibration`, :func:`equiqc.pipeline.decision.decide`), so
 the cohort-dependent reasons (outlier, similarity) see the cohort they would see. Reported per rate (mean over
@@ -61,7 +61,7 @@ def measure(good: list[dict], failures: list[dict], calibration: Calibration, co
     rng = np.random.default_rng(seed)
     table = []
     for rate in RATES:
-        n_fail = min(round(rate / (1 - rate) * len(good)), len(failures))
+        n_fail = min(max(round(rate / (1 - rate) * len(good)), 1 if rate else 0), len(failures))
         stats: dict[str, list[float]] = {}
         for _ in range(draws if 0 < n_fail < len(failures) else 1):
             chosen = [failures[i] for i in rng.choice(len(failures), n_fail, replace=False)] if n_fail else []
