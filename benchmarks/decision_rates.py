@@ -6,7 +6,8 @@ generator (``--failures`` pairs, the four kinds in turn: extreme deformation, la
 image, wrong image) and run through ``equiqc run`` with the same setting and that calibration.
 
 For each target failure rate ``r`` the cohort is the held-out good pairs plus ``round(r / (1 - r) * good)``
-failures (at least one for ``r > 0``; the realised rate is reported) drawn at random from the pool (``--draws`` times; the realised rate is printed). The decision
+failures (at least one for ``r > 0``) drawn at random from the pool (``--draws`` times; the realised rate is
+printed). The decision
 (calibrated expected error, reasons, cohort context) is recomputed on each cohort exactly as ``equiqc run``
 does (:func:`equiqc.pipeline.calibration.apply_calibration`, :func:`equiqc.pipeline.decision.decide`), so
 the cohort-dependent reasons (outlier, similarity) see the cohort they would see. Reported per rate (mean over

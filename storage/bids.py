@@ -15,6 +15,7 @@ acquisition, run...) is its own row; ``subject_id`` is ``sub-<label>``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,18 @@ class BidsImage:
         """``sub-01_ses-02_acq-x``: the image's entities in BIDS order, without suffix and extension."""
         order = [k for k in ENTITY_ORDER if k in self.entities] + sorted(set(self.entities) - set(ENTITY_ORDER))
         return "_".join(f"{k}-{self.entities[k]}" for k in order)
+
+
+def image_from_name(path: str | Path, subject_id: str) -> BidsImage:
+    """A :class:`BidsImage` from a file name alone (manifest mode): its ``key-value`` entities and last suffix
+    (``sub-01_ses-2_T1w.nii.gz``); a name without ``sub-`` takes the manifest's subject id (letters and digits)."""
+    stem = Path(path).name.split(".")[0]
+    parts = stem.split("_")
+    suffix = parts[-1] if "-" not in parts[-1] else "T1w"
+    entities = dict(re.findall(r"(?:^|_)([A-Za-z0-9]+)-([A-Za-z0-9]+)", stem))
+    if "sub" not in entities:
+        entities = {"sub": re.sub(r"[^A-Za-z0-9]", "", subject_id.removeprefix("sub-")) or "unknown", **entities}
+    return BidsImage(Path(path), entities, suffix)
 
 
 def _strip(labels: list[str] | None, prefix: str) -> set[str] | None:

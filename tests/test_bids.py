@@ -99,6 +99,16 @@ def test_bids_app_participant_then_group_is_a_derivative_dataset(dataset, tmp_pa
     assert list(decisions["session"]) == ["n/a", "01", "02", "n/a"]  # sessions are separate rows
     assert (out / "exclude.tsv").exists() and (out / "report.html").exists()
     assert json.loads((out / "decisions.json").read_text())["expected_error_mm"]["Units"] == "mm"
+    # the export option of manifest mode: the same derivatives layout from any run folder (entities from file names)
+    assert main(["export", str(out), "--all", "--layout", "bids", "--to", str(tmp_path / "exported")]) == 0
+    exported = ancpbids.BIDSLayout(str(tmp_path / "exported"))
+    assert exported.get_dataset_description()["DatasetType"] == "derivative"
+    assert len(exported.get(desc="uncertainty", extension=".nii.gz", return_type="filename")) == 4
+    assert (tmp_path / "exported" / "sub-02" / "ses-01" / "anat" /
+            "sub-02_ses-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.json").is_file()
+    assert main(["bids", str(ds), str(out), "participant", "--target", str(tpl), "--participant-label", "01",
+                 "--shard", "1/2", *options]) == 2
+    assert "not both" in capsys.readouterr().err
     # not BIDS: one clear message, exit 2
     (tmp_path / "plain").mkdir()
     assert main(["bids", str(tmp_path / "plain"), str(tmp_path / "o"), "participant", "--target", str(tpl)]) == 2

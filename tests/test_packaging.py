@@ -41,7 +41,8 @@ def test_the_wheel_installs_one_top_level_package_equiqc(wheel):
     assert top_level == {"equiqc"}, top_level
     assert {r for r in installed_roots if not r.endswith(".dist-info")} == {"equiqc"}
     for module in ("equiqc/__init__.py", "equiqc/errors.py", "equiqc/pipeline/estimator.py",
-                   "equiqc/pipeline/backends/default_weights.pt", "equiqc/storage/results.py",
+                   "equiqc/pipeline/backends/default_weights.pt", "equiqc/pipeline/backends/calibrations/default.json",
+                   "equiqc/storage/results.py",
                    "equiqc/workflows/cli.py"):
         assert module in names, module
     assert not any(n.startswith(("equiqc/tests/", "equiqc/benchmarks/", "equiqc/docs/")) for n in names)

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from equiqc.storage.bids import BidsError, discover
+from equiqc.storage.bids import BidsError, BidsImage, discover, image_from_name
 from equiqc.storage.derivatives import pair_files, write_dataset_description, write_pair_derivatives
 from equiqc.storage.manifest import write_manifest
 from equiqc.workflows.config import RunConfig
@@ -45,8 +45,10 @@ def space_label(target: str | Path, given: str | None = None) -> str:
 def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, target: str | Path,
                       target_mask: str | Path | None = None, target_labels: str | Path | None = None,
                       participant_labels: list[str] | None = None, session_labels: list[str] | None = None,
-                      suffix: str = "T1w", space: str | None = None, argv: list[str] | None = None):
-    """Compute the participants' pairs and write their derivatives; returns the run's summary."""
+                      suffix: str = "T1w", space: str | None = None, argv: list[str] | None = None,
+                      shard: tuple[int, int] | None = None):
+    """Compute the participants' pairs (or shard ``(I, N)`` of the dataset's pairs) and write their derivatives;
+    returns the run's summary."""
     from equiqc.workflows.run import run_cohort
 
     for role, path in (("--target", target), ("--target-mask", target_mask), ("--target-labels", target_labels)):
@@ -62,26 +64,66 @@ def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, 
         row |= {"target_mask": str(Path(target_mask).resolve())} if target_mask else {}
         row |= {"target_labels": str(Path(target_labels).resolve())} if target_labels else {}
         rows.append(row)
+    if shard and participant_labels:
+        raise BidsError("give --participant-label or --shard, not both (both split the dataset's pairs)")
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.tsv", rows)
-    perturbation = config.perturbation_config()
-    write_dataset_description(out, bids_dir, {"Description": f"model {config.model}, {perturbation.kind} "
-                                              f"perturbations, K={config.samples}"})
-    summary = run_cohort(out / "manifest.tsv", out, config, argv=argv, subjects={i.subject_id for i in chosen})
-    by_pair = {i.stem: i for i in chosen}
+    subjects = None if shard else {i.subject_id for i in chosen}
+    summary = run_cohort(out / "manifest.tsv", out, config, argv=argv, shard=shard, subjects=subjects)
+    by_pair = {i.stem: i for i in every}
+    complete = [r["pair_id"] for r in summary.rows if r["status"] == "complete"]
+    write_derivatives(out, out, {p: by_pair[p] for p in complete}, config, target, space, bids_dir)
+    LOGGER.info(f"participant level: {len(summary.rows)} image(s); derivatives in {out}")
+    return summary
+
+
+def write_derivatives(run_dir: str | Path, out: str | Path, images: dict[str, BidsImage], config: RunConfig,
+                      target: str | Path, space: str, source_dataset: str | Path) -> list[Path]:
+    """The derivative files of complete pairs (``pair_id -> its source image``) of the run folder ``run_dir``,
+    written under ``out`` (:mod:`equiqc.storage.derivatives`)."""
+    run_dir, perturbation = Path(run_dir), config.perturbation_config()
+    write_dataset_description(out, source_dataset, {"Description": f"model {config.model}, {perturbation.kind} "
+                                                    f"perturbations, K={config.samples}"})
     about = {"Model": config.model, "PerturbationFamily": perturbation.kind, "Samples": config.samples,
              "Target": str(Path(target).resolve()), "SpatialReference": str(Path(target).resolve())}
-    for row in summary.rows:
-        image = by_pair.get(row["pair_id"])
-        if image is None or row["status"] != "complete":
-            continue
-        files = pair_files(out, image.stem, image.subject_id, image.session, space, suffix)
-        source = Path(os.path.relpath(image.path, bids_dir)).as_posix()
-        write_pair_derivatives(out, out / "results.zarr", out / "cohort.zarr", row["pair_id"], files,
-                               {**about, "Sources": [f"bids:raw:{source}"]})
-    LOGGER.info(f"participant level: {len(chosen)} image(s) of {len({i.subject_id for i in chosen})} "
-                f"participant(s); derivatives in {out}")
-    return summary
+    written = []
+    for pair_id, image in images.items():
+        files = pair_files(out, image.stem, image.subject_id, image.session, space, image.suffix)
+        source = Path(os.path.relpath(image.path, source_dataset)).as_posix()
+        written += write_pair_derivatives(out, run_dir / "results.zarr", run_dir / "cohort.zarr", pair_id, files,
+                                          {**about, "Sources": [f"bids:raw:{source}"]})
+    return written
+
+
+def export_derivatives(run_dir: str | Path, out: str | Path, pair_ids: list[str]) -> list[Path]:
+    """``equiqc export --layout bids``: a manifest-mode run's pairs as BIDS derivatives under ``out``; entities come
+    from the source file names (``sub-01_ses-2_T1w.nii.gz``) or the manifest's subject id."""
+    import json
+
+    from equiqc.storage.manifest import read_manifest
+    from equiqc.workflows.config import config_from_record
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise BidsError(f"{run_dir} has no run.json; it is not an equiqc run folder")
+    info = json.loads((run_dir / "run.json").read_text())
+    specs = {s.pair_id: s for s in read_manifest(info["manifest"])}
+    unknown = [p for p in pair_ids if p not in specs]
+    if unknown:
+        raise BidsError(f"pair {unknown[0]!r} is not in the run's manifest {info['manifest']}")
+    written = []
+    for target, group in _by_target([specs[p] for p in pair_ids]).items():
+        images = {s.pair_id: image_from_name(s.source, s.subject_id) for s in group}
+        written += write_derivatives(run_dir, out, images, config_from_record(info["config"]), target,
+                                     space_label(target), Path(info["manifest"]).parent)
+    return written
+
+
+def _by_target(specs) -> dict[Path, list]:
+    groups: dict[Path, list] = {}
+    for spec in specs:
+        groups.setdefault(spec.target, []).append(spec)
+    return groups
 
 
 def group_level(out: str | Path, tolerance_mm: float | None = None, ratings: str | Path | None = None):

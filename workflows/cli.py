@@ -156,6 +156,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     results, out = Path(args.dir) / "results.zarr", Path(args.to)
     pairs = complete_pairs(results) if args.all else args.pair
+    if args.layout == "bids":
+        from equiqc.workflows.bids import export_derivatives
+
+        for path in export_derivatives(args.dir, out, pairs):
+            print(path)
+        return 0
     for pair in pairs:
         for name in args.arrays.split(","):
             file = f"{pair}_{name}_xfm.{args.transform_format}" if name in MAPS else f"{pair}_{name}.nii.gz"
@@ -213,9 +219,11 @@ def _cmd_bids(args: argparse.Namespace) -> int:
             print("equiqc: the participant level needs --target TEMPLATE.nii.gz (the image every pair registers to)",
                   file=sys.stderr)
             return 2
+        from equiqc.workflows.run import parse_shard
+
         summary = participant_level(args.bids_dir, args.out, _config(args), args.target, args.target_mask,
                                     args.target_labels, args.participant_label, args.session_label, args.suffix,
-                                    args.target_space, argv=sys.argv)
+                                    args.target_space, argv=sys.argv, shard=parse_shard(args.shard))
     _print_run(summary)
     return _exit_code(summary)
 
@@ -286,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", required=True, help="folder for the files")
     exp.add_argument("--arrays", default="std_mm", help="comma-separated (std_mm,n_valid,covariance_mm2,"
                      "prediction_map,mean_map); maps become ITK displacement fields (LPS mm, target grid)")
+    exp.add_argument("--layout", choices=("flat", "bids"), default="flat", help="flat: <pair>_<array> files; bids: "
+                     "BIDS derivatives (std_mm and the prediction with sidecars, entities from the source file names)")
     exp.add_argument("--transform-format", choices=("nii.gz", "h5"), default="nii.gz",
                      help="maps: 5D NIfTI (antsApplyTransforms) or an ITK .h5 transform (Slicer, ITK)")
     exp.set_defaults(func=_cmd_export)
@@ -327,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     bids.add_argument("--target-labels", help="the template's structure labels (NIfTI)")
     bids.add_argument("--target-space", help="its BIDS space label (default: the tpl- entity or file name)")
     bids.add_argument("--ratings", help="group level: a ratings TSV merged into OUT/ratings.tsv (see equiqc report)")
+    bids.add_argument("--shard", metavar="I/N", help="participant level: compute the I-th of N slices of the "
+                      "dataset's pairs (job arrays; instead of --participant-label)")
     _run_options(bids)
     bids.set_defaults(func=_cmd_bids)
 
