@@ -1,11 +1,14 @@
 """The result store: ``results.zarr/<pair_id>/`` with one array per product, readable by xarray.
 
-Arrays (target grid, RAS+ array order, dims named):
+Arrays (target grid, RAS+ array order, dims named); which are stored depends on the run's storage level
+(``--store``, :mod:`equiqc.storage.levels`):
 
-* ``std_mm`` ``(x, y, z)`` mm; ``n_valid`` ``(x, y, z)`` count;
+* ``std_mm`` ``(x, y, z)`` mm; ``n_valid`` ``(x, y, z)`` count (uint16);
+* ``prediction_displacement`` ``(axis, x, y, z)``: the unperturbed prediction minus identity, source voxels,
+  float16 (``standard``); :func:`read_array` of ``prediction_map`` rebuilds the map from it;
 * ``covariance_mm2`` ``(component, x, y, z)`` mm^2, components ``xx yy zz xy xz yz`` (source world axes);
 * ``intrinsic_spread_mm2``, ``bias_jitter_mm2`` (same layout) when the model is stochastic;
-* ``mean_map``, ``prediction_map`` ``(axis, x, y, z)`` in source voxel units (RAS+ source grid).
+* ``mean_map``, ``prediction_map`` ``(axis, x, y, z)`` in source voxel units (RAS+ source grid) (``full``).
 
 Coordinates ``x``, ``y``, ``z`` are the world positions (mm) of the voxel centres along each axis, from
 the target affine (exact for axis-aligned grids; for oblique grids they are the positions along the
@@ -32,6 +35,7 @@ import zarr
 
 from equiqc.errors import UserError
 from equiqc.pipeline.estimator import UncertaintyResult
+from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
 MARKER = "equiqc_complete"
 AXES = ("x", "y", "z")
@@ -45,7 +49,12 @@ ARRAYS = {  # name -> (leading dim or None, CF/UDUNITS units, long_name)
     "mean_map": ("axis", "1", "mean composed map: source voxel index (RAS+ source grid) of each target voxel"),
     "prediction_map": ("axis", "1", "unperturbed prediction: source voxel index (RAS+ source grid) of each "
                        "target voxel"),
+    "prediction_displacement": ("axis", "1", "unperturbed prediction minus identity: displacement in source "
+                                "voxels (RAS+ source grid), float16"),
 }
+# Blosc zstd with byte shuffle: 0.68x the raw float32 size for std_mm, 0.94x for a float16 displacement
+# (zarr's default zstd: 0.89x and 1.32x; benchmarks/storage_levels.py).
+COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 # Labels of the leading dimensions, stored as coordinate arrays so that ``.sel(component="xx")`` works.
 MAP_AXES = ("i", "j", "k")  # source voxel axes (RAS+ source grid)
 
@@ -54,6 +63,17 @@ MAP_AXES = ("i", "j", "k")  # source voxel axes (RAS+ source grid)
 # numerics changed with an upgrade): a stored result that differs only in these is stale and is recomputed,
 # never refused and never kept. Any other difference is another configuration (refused unless overwriting).
 RECOMPUTE_KEYS = frozenset({"weights_sha256", "numerics_version"})
+# The storage level is in the result key too, but it never makes a result of another configuration: a stored
+# result complete at a level that keeps at least what the run asks for is used as it is; a lower one is
+# recomputed (resume, :func:`status`).
+LEVEL_KEY = "store"
+
+
+def level_covers(stored: str, wanted: str) -> bool:
+    """Whether results stored at level ``stored`` hold every array of level ``wanted`` (minimal < standard <
+    full)."""
+    order = tuple(STORE_LEVELS)
+    return order.index(stored) >= order.index(wanted)
 
 
 def differing_keys(old: dict, new: dict) -> set[str]:
@@ -100,7 +120,11 @@ def status(root: str | Path, pair_id: str, config: dict | None = None, input_has
     if input_hash is not None and marker.get("input_hash") != input_hash:
         return "stale"
     if config is not None and marker.get("config") != config:
-        return "stale" if differing_keys(marker.get("config") or {}, config) <= RECOMPUTE_KEYS else "mismatch"
+        old, new = dict(marker.get("config") or {}), dict(config)
+        stored, wanted = old.pop(LEVEL_KEY, "full"), new.pop(LEVEL_KEY, None)  # markers before levels: full
+        if old == new:  # only the storage level differs: a result that keeps at least as much is complete
+            return "complete" if wanted is None or level_covers(stored, wanted) else "stale"
+        return "stale" if differing_keys(old, new) <= RECOMPUTE_KEYS else "mismatch"
     return "complete"
 
 
@@ -134,10 +158,23 @@ def read_marker(root: str | Path, pair_id: str) -> dict | None:
         return None
 
 
+def _stored(result: UncertaintyResult, name: str) -> np.ndarray | None:
+    """The array ``name`` as stored: ``n_valid`` as uint16 (K x draws < 65536), the prediction's displacement
+    as float16 (:mod:`equiqc.storage.levels`), the rest as computed."""
+    if name == "prediction_displacement":
+        grid = np.indices(result.prediction_map.shape[1:], dtype=np.float32)
+        return (result.prediction_map - grid).astype(np.float16)
+    data = getattr(result, name)
+    if name == "n_valid" and data is not None and data.max(initial=0) < 2**16:
+        return data.astype(np.uint16)
+    return data
+
+
 def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, target_affine: np.ndarray,
                  config: dict, input_hash: str | None = None, extra: dict | None = None,
-                 overwrite: bool = False) -> None:
-    """Write a pair's arrays, then its completion marker ``{"config", "input_hash", **extra}``.
+                 overwrite: bool = False, level: str = DEFAULT_LEVEL) -> None:
+    """Write a pair's arrays of storage ``level`` (:data:`~equiqc.storage.levels.STORE_LEVELS`), then its
+    completion marker ``{"config", "input_hash", "store", **extra}``.
 
     Refuses (``ResultConfigMismatch``) to replace a complete result of another configuration unless
     ``overwrite``. Any previous marker is removed first, so a crash mid-write leaves an incomplete pair.
@@ -162,8 +199,9 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         arr[...] = np.array(values)
         arr.attrs["long_name"] = ("covariance component (source world axes x y z, RAS+)" if lead == "component"
                                   else "source voxel axis (RAS+ source grid)")
-    for name, (lead, units, long_name) in ARRAYS.items():
-        data = getattr(result, name)
+    for name in STORE_LEVELS[level]:
+        lead, units, long_name = ARRAYS[name]
+        data = _stored(result, name)
         if data is None:
             continue
         dims = ([lead] if lead else []) + list(AXES[: len(spatial)])
@@ -171,11 +209,11 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         if lead:
             chunks = (data.shape[0], *chunks)
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, dimension_names=dims,
-                                 fill_value=np.nan if data.dtype.kind == "f" else 0)
+                                 fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR)
         arr[...] = data
         arr.attrs.update({"units": units, "long_name": long_name})
     group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
-    group.attrs[MARKER] = {"config": config, "input_hash": input_hash, **(extra or {})}
+    group.attrs[MARKER] = {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}
 
 
 def _axis_coords(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -245,8 +283,15 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
         raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}")
     group = root_group[pair_id]
     arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
+    if name == "prediction_map" and name not in arrays and "prediction_displacement" in arrays:
+        arr = group["prediction_displacement"]  # the standard level: the map is identity + displacement
+        displacement = arr[...].astype(np.float32)
+        return displacement + np.indices(displacement.shape[1:], dtype=np.float32), {
+            **dict(arr.attrs), "affine": group.attrs["affine"]}
     if name not in arrays:
-        raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}")
+        level = (group.attrs.get(MARKER) or {}).get("store")
+        hint = f" (stored at level {level!r}; --store full keeps every array)" if level else ""
+        raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}{hint}")
     arr = group[name]
     return arr[...], {**dict(arr.attrs), "affine": group.attrs["affine"]}
 

@@ -131,7 +131,7 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
     manifest = tiny_cohort(tmp_path / "cohort", pairs=4, empty_mask=(1,))
     out = tmp_path / "out"
     # the near-free model maps every voxel to itself: the spread is the perturbations' own (a few mm)
-    args = ["--model", NEAR_FREE_MODEL, "--samples", "3", "--batch-size", "3", "--workers", "1"]
+    args = ["--model", NEAR_FREE_MODEL, "--samples", "3", "--batch-size", "3", "--workers", "1", "--store", "minimal"]
     assert main(["run", str(manifest), "--out", str(out), *args]) == 0
     decisions = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(decisions.columns) == ["pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
@@ -162,7 +162,8 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
     resumed = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("pair_id")
     assert resumed.loc[empty, "rating"] == "include" and resumed.loc[empty, "exclude"] == "false"
     assert not resumed["flag_reasons"].str.contains("uncertainty").any()
-    assert "empty_region" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "empty_region" in html and "data:image/png" in html  # figures of flagged pairs without a prediction
 
 
 def test_fov_loss_counts_what_the_prediction_maps_outside_the_source():

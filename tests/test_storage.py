@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import xarray as xr
+import zarr
 
 from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.moments import components
@@ -123,7 +124,7 @@ def test_ingest_round_trip_keeps_geometry_and_export_restores_the_original_grid(
 
     # A result equal to the stored target must export back to the original file voxel for voxel.
     result = fake_result(target.data.shape, std=target.data)
-    R.write_result(res, spec.pair_id, result, target.affine, {"k": 1})
+    R.write_result(res, spec.pair_id, result, target.affine, {"k": 1}, level="full")
     out = export_array(res, store, spec.pair_id, "std_mm", tmp_path / "std.nii.gz")
     img = nib.load(str(out))
     np.testing.assert_array_equal(np.asarray(img.dataobj), tgt)
@@ -282,9 +283,9 @@ def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     affine[:3, 3] = [-10, 5, 0]
     res = fake_result(SHAPE, split=True)
-    R.write_result(tmp_path / "r.zarr", "p1", res, affine, {"k": 8})
+    R.write_result(tmp_path / "r.zarr", "p1", res, affine, {"k": 8}, level="full")
     other = fake_result(SHAPE)
-    R.write_result(tmp_path / "r.zarr", "p2", other, affine, {"k": 8})
+    R.write_result(tmp_path / "r.zarr", "p2", other, affine, {"k": 8}, level="full")
     R.consolidate(tmp_path / "r.zarr")  # what every run and report does at its end
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # README's plain xarray call opens without a warning
@@ -345,3 +346,32 @@ def test_report_schema_subject_table_and_atomic_write(tmp_path):
     assert subj.loc["s1", "pair_id"] == "b" and subj.loc["s1", "n_flagged"] == 1
     assert subj.loc["s2", "n_failed"] == 1
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("level", ["minimal", "standard", "full"])
+def test_storage_levels_keep_what_they_promise(tmp_path, level):
+    from equiqc.storage.levels import STORE_LEVELS
+
+    result = fake_result(SHAPE)
+    result.prediction_map = (np.indices(SHAPE, dtype=np.float32) + RNG.normal(0, 3, (3, *SHAPE))).astype(np.float32)
+    R.write_result(tmp_path / "r.zarr", "p", result, np.eye(4), {"k": 8}, level=level)
+    group = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["p"]
+    stored = {k for k, _ in group.arrays()} - {"x", "y", "z", "component", "axis"}
+    assert stored == set(STORE_LEVELS[level]) - {"intrinsic_spread_mm2", "bias_jitter_mm2"}  # not stochastic
+    assert group["n_valid"].dtype == np.uint16 and R.read_marker(tmp_path / "r.zarr", "p")["store"] == level
+    if level == "minimal":
+        with pytest.raises(R.ResultNotFound, match="stored at level 'minimal'; --store full keeps every array"):
+            R.read_array(tmp_path / "r.zarr", "p", "prediction_map")
+    else:  # the map comes back from the float16 displacement within float16 rounding
+        pred, _ = R.read_array(tmp_path / "r.zarr", "p", "prediction_map")
+        np.testing.assert_allclose(pred, result.prediction_map, atol=0.01 if level == "standard" else 0)
+
+
+def test_a_result_kept_at_a_higher_level_is_complete_and_a_lower_one_is_recomputed(tmp_path):
+    root = tmp_path / "r.zarr"
+    R.write_result(root, "p", fake_result(SHAPE), np.eye(4), {"k": 8, "store": "standard"}, level="standard")
+    assert R.status(root, "p", {"k": 8, "store": "minimal"}) == "complete"
+    assert R.status(root, "p", {"k": 8, "store": "full"}) == "stale"  # covariance and maps missing: recompute
+    assert R.status(root, "p", {"k": 16, "store": "minimal"}) == "mismatch"  # another K is another configuration
+    R.write_result(root, "old", fake_result(SHAPE), np.eye(4), {"k": 8}, level="full")  # marker from before levels
+    assert R.status(root, "old", {"k": 8, "store": "standard"}) == "complete"

@@ -20,6 +20,7 @@ from pathlib import Path
 import equiqc
 from equiqc.errors import UserError
 from equiqc.pipeline.perturbation_config import KINDS
+from equiqc.storage.levels import STORE_LEVELS
 from equiqc.workflows.config import CLUSTERS, METHODS
 
 NO_PAIR_COMPLETED = 3
@@ -41,6 +42,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this (memory guard)")
     p.add_argument("--tolerance-mm", type=float, help="registration error (mm) a pair may have: above it the pair is "
                    "flagged with reason 'uncertainty' (default 3)")
+    p.add_argument("--store", choices=tuple(STORE_LEVELS), help="what results.zarr keeps per pair: "
+                   "minimal (std_mm, n_valid), standard (default; adds the prediction for export and figures), full "
+                   "(every array, for research)")
     p.add_argument("--calibration", help="calibration file from `equiqc calibrate` (expected error in mm and its "
                    "upper bound); default: the one shipped for the model when the setting matches; 'none': no "
                    "calibration")
@@ -81,7 +85,8 @@ def _config(args: argparse.Namespace):
                        method=args.method, perturbation=args.perturbation, samples=args.samples,
                        batch_size=args.batch_size, seed=args.seed, cluster=args.cluster, scheduler=args.scheduler,
                        workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
-                       tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None))
+                       tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None),
+                       store=getattr(args, "store", None))
 
 
 def _print_run(summary) -> None:

@@ -25,6 +25,7 @@ import yaml
 
 from equiqc.errors import UserError
 from equiqc.pipeline.perturbation_config import KINDS, PerturbationConfig
+from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
 METHODS = ("equivariance", "mc-dropout")
 # Defaults that depend on the model, applied before the config file and flags (which override them).
@@ -75,6 +76,8 @@ class RunConfig:
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
+    store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
+                      "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS))
     calibration: str | None = _opt(None, "calibration file (equiqc calibrate) giving expected_error_mm and its upper "
                                    "bound; default: the one shipped for the model when the setting matches; "
                                    "'none': no calibration")
@@ -111,7 +114,7 @@ class RunConfig:
                 "model_options": self.model_options, "method": self.method,
                 "perturbation": self.perturbation_config().to_dict(), "samples": self.samples,
                 "batch_size": self.batch_size, "draws": self.draws, "seed": self.seed,
-                "numerics_version": NUMERICS_VERSION}
+                "numerics_version": NUMERICS_VERSION, "store": self.store}
 
     def calibration_setting(self) -> dict:
         """What a calibration depends on (a calibration file's ``setting`` must equal it): the model and its

@@ -33,7 +33,7 @@ from equiqc.pipeline import transforms as T  # noqa: E402
 from equiqc.storage.atomic import write_text_atomic  # noqa: E402
 from equiqc.storage.cohort import read_pair  # noqa: E402
 from equiqc.storage.decisions import RATINGS  # noqa: E402
-from equiqc.storage.results import read_array  # noqa: E402
+from equiqc.storage.results import ResultNotFound, read_array  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
 COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "uncertainty_mean_mm",
@@ -89,11 +89,15 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
 def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
     """Target / checkerboard of warped source and target / std_mm, in three planes through the peak."""
     std, _ = read_array(results_root, pair_id, "std_mm")
-    pred, _ = read_array(results_root, pair_id, "prediction_map")
     vols = read_pair(cohort_root, pair_id, ("source", "target", "target_mask"))
-    warped = T.warp(torch.as_tensor(vols["source"].data)[None, None], torch.as_tensor(pred)[None])[0, 0].numpy()
     norm = lambda v: v / max(np.percentile(v, 99.5), 1e-6)  # noqa: E731
     anatomy = norm(vols["target"].data)
+    try:
+        pred, _ = read_array(results_root, pair_id, "prediction_map")
+        warped = T.warp(torch.as_tensor(vols["source"].data)[None, None], torch.as_tensor(pred)[None])[0, 0].numpy()
+        middle = ("warped source | target", _checkerboard(norm(warped), anatomy))
+    except ResultNotFound:  # --store minimal keeps no prediction: show the target alone, and say so
+        middle = ("target (prediction not stored: --store minimal)", anatomy)
     # the region QC is about: the target mask, else the target's head (not the empty background)
     region = vols["target_mask"].data > 0 if "target_mask" in vols else anatomy > 0.1
     region &= np.isfinite(std)
@@ -104,7 +108,7 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
     fig, axes = plt.subplots(3, 3, figsize=(10, 9.5))
     anatomy_views = _views(anatomy, centre)
     rows = [("target", anatomy, "gray", (0, 1)),
-            ("warped source | target", _checkerboard(norm(warped), anatomy), "gray", (0, 1)),
+            (*middle, "gray", (0, 1)),
             ("std_mm", shown, "magma", (0, vmax))]
     for r, (title, vol, cmap, (lo, hi)) in enumerate(rows):
         for c, (plane, img, (left, right)) in enumerate(_views(vol, centre)):

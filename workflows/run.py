@@ -38,7 +38,7 @@ from equiqc.storage.atomic import write_text_atomic
 from equiqc.storage.locks import Lease, participant_scope, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
-from equiqc.storage.results import RECOMPUTE_KEYS, differing_keys
+from equiqc.storage.results import LEVEL_KEY, RECOMPUTE_KEYS, differing_keys
 from equiqc.workflows.calibrate import CalibrationChoice, choose_calibration
 from equiqc.workflows.cluster import ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
@@ -103,7 +103,7 @@ def check_previous_run(out_dir: Path, config: RunConfig, log=LOGGER.info) -> Non
     old = json.loads(previous.read_text()).get("result_key")
     if old is None:
         return
-    diff = differing_keys(old, config.result_key())
+    diff = differing_keys(old, config.result_key()) - {LEVEL_KEY}  # another level: decided pair by pair
     if diff - RECOMPUTE_KEYS:
         raise ConfigError(f"{out_dir} holds results of another configuration (differs in: "
                           f"{', '.join(sorted(diff - RECOMPUTE_KEYS))}); use a new --out folder or add --overwrite "

@@ -101,7 +101,7 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         R.write_result(results_root, outcome.pair_id, result, tgt.affine, key, outcome.input_hash,
                        extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
                               "timings_s": result.timings_s, "source_affine": src.affine.tolist()},
-                       overwrite=config.overwrite)
+                       overwrite=config.overwrite, level=config.store)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception as exc:  # one bad pair never stops the cohort: report it and carry on
         error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()

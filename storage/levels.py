@@ -1,0 +1,24 @@
+"""What a run keeps per pair in ``results.zarr``: the storage levels of ``--store`` (one place for the concept).
+
+Measured on a 2 mm MNI demo pair (99 x 117 x 95 voxels; the raw float32 ``std_mm`` volume is 4.4 MB; Blosc
+zstd level 5 with byte shuffle; ``benchmarks/storage_levels.py``):
+
+* ``minimal``: ``std_mm`` (float32, 0.68x the raw volume) and ``n_valid`` (uint16, 0.01x), plus the per-pair
+  summaries in the completion marker and the report: about 0.7x;
+* ``standard`` (default): adds ``prediction_displacement``, the unperturbed prediction as a float16
+  displacement in source voxels (0.94x; float16 rounds it by at most 0.002 voxel, 0.004 mm at 2 mm, far
+  below any use: export as an ITK transform, report figures; folding is computed before storage, in float32):
+  about 1.6x;
+* ``full``: every array (``covariance_mm2``, ``mean_map``, the exact float32 ``prediction_map``, the
+  variance split of stochastic models): for research.
+"""
+
+from __future__ import annotations
+
+STORE_LEVELS: dict[str, tuple[str, ...]] = {
+    "minimal": ("std_mm", "n_valid"),
+    "standard": ("std_mm", "n_valid", "prediction_displacement"),
+    "full": ("std_mm", "n_valid", "covariance_mm2", "intrinsic_spread_mm2", "bias_jitter_mm2", "mean_map",
+             "prediction_map"),
+}
+DEFAULT_LEVEL = "standard"
