@@ -160,6 +160,13 @@ def test_calibrate_end_to_end_then_a_run_with_its_calibration(tmp_path, monkeypa
     assert main(["report", str(out)]) == 0
     rebuilt = pd.read_csv(out / "decisions.tsv", sep="\t")
     assert np.allclose(rebuilt["expected_error_upper_mm"], decisions["expected_error_upper_mm"])
+    run = json.loads((out / "run.json").read_text())
+    del run["calibration"], run["config"]["calibration"]  # a folder from before calibrations: the report chooses
+    # now, and none ships for this model
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(["report", str(out)]) == 0
+    assert pd.read_csv(out / "decisions.tsv", sep="\t")["expected_error_mm"].isna().all()
+    assert "no calibration ships for model" in (out / "report.html").read_text()
     # another setting than the calibration's: refused before any work
     (tmp_path / "c2.json").write_text(json.dumps(record))
     assert main(["run", str(manifest), "--out", str(tmp_path / "o2"), "--calibration", str(tmp_path / "c2.json"),

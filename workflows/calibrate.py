@@ -50,9 +50,7 @@ class CalibrationChoice:
                 "calibration": self.calibration.to_dict() if self.calibration else None}
 
     @classmethod
-    def from_record(cls, record: dict | None) -> CalibrationChoice:
-        if not record:  # a run folder written before calibrations existed
-            return cls(None, None, "none: this run folder predates calibrations")
+    def from_record(cls, record: dict) -> CalibrationChoice:
         mapping = record.get("calibration")
         return cls(Calibration.from_dict(mapping) if mapping else None, record.get("source"), record["summary"])
 

@@ -366,6 +366,8 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
         row.pop("_computed", None)
         rows.append(row)
     _crash_files(rows, out_dir)
-    calibration = CalibrationChoice.from_record(info.get("calibration"))
+    # the mapping the run used (kept in run.json); a folder from before calibrations gets today's choice
+    calibration = (CalibrationChoice.from_record(info["calibration"]) if info.get("calibration")
+                   else choose_calibration(config))
     report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, LOGGER.info)
     return RunSummary(rows, report, time.perf_counter() - start, html=html_path)
