@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from equiqc.errors import UserError
+from equiqc.storage.atomic import atomic_path
 
 REQUIRED = ("subject_id", "source", "target")
 OPTIONAL = ("pair_id", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth")
@@ -124,10 +125,10 @@ def read_manifest(path: str | Path) -> list[PairSpec]:
 
 
 def write_manifest(path: str | Path, rows: list[dict[str, str]]) -> None:
-    """Write rows (dicts of column -> value) as a manifest; columns in canonical order."""
+    """Write rows (dicts of column -> value) as a manifest, atomically; columns in canonical order."""
     columns = [c for c in REQUIRED + OPTIONAL if any(c in r for r in rows)]
     path = Path(path)
-    with path.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:  # BIDS participant jobs write it side by side
         writer = csv.DictWriter(fh, columns, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         writer.writeheader()
         writer.writerows(rows)
