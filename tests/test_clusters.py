@@ -355,3 +355,15 @@ def test_cuda_cluster_cohort_matches_the_cpu_run(tmp_path):
         a, b = gpu[pair]["std_mm"][...], cpu[pair]["std_mm"][...]
         assert abs(float(np.nanmedian(a)) - float(np.nanmedian(b))) < 1e-3
         np.testing.assert_allclose(a, b, atol=1e-2, equal_nan=True)
+
+
+def test_local_cluster_never_puts_several_workers_on_one_gpu(monkeypatch, caplog):
+    import equiqc.workflows.cluster as C
+
+    monkeypatch.setattr(C, "cuda_device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="every local worker would put the model on GPU 0; use --cluster cuda"):
+        cluster_kwargs(RunConfig(workers=4))
+    assert cluster_kwargs(RunConfig())[1]["n_workers"] == 1
+    assert "--cluster cuda runs one worker per GPU" in caplog.text
+    monkeypatch.setattr(C, "cuda_device_count", lambda: 0)
+    assert cluster_kwargs(RunConfig(workers=3))[1]["n_workers"] == 3

@@ -2,7 +2,8 @@
 
 * ``local`` (default): ``distributed.LocalCluster`` of processes, one thread each (torch uses that one
   thread), as many workers as cores unless ``--workers``; scheduler and dashboard on 127.0.0.1 (every
-  worker is on this machine).
+  worker is on this machine). On a machine with CUDA GPUs it runs one worker (on GPU 0) and says to use
+  ``cuda``; asking it for more workers there is refused, since they would all share GPU 0.
 * ``cuda``: ``dask_cuda.LocalCUDACluster``, one worker per GPU, each advertising the resource ``GPU=1``
   (estimation tasks ask for it); needs ``pip install 'equiqc[gpu]'`` on a machine with CUDA.
 * ``slurm`` / ``pbs``: ``dask_jobqueue.SLURMCluster`` / ``PBSCluster``, scaled to ``--workers`` jobs. Only the
@@ -55,6 +56,31 @@ def _jobqueue_default(kind: str, key: str):
     return dask.config.get(f"jobqueue.{kind}.{key}", None)
 
 
+def cuda_device_count() -> int:
+    """CUDA GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _local_workers(config: RunConfig) -> int:
+    """Workers of ``--cluster local``: one per core, but a single one on a machine with CUDA GPUs, where every local
+    worker would load the model onto GPU 0 (``--cluster cuda`` gives one worker per GPU)."""
+    gpus = cuda_device_count()
+    if not gpus:
+        return config.workers or max(1, os.cpu_count() or 1)
+    if config.workers and config.workers > 1:
+        raise ConfigError(f"--cluster local --workers {config.workers} on a machine with {gpus} CUDA GPU(s): every "
+                          "local worker would put the model on GPU 0; use --cluster cuda (one worker per GPU, "
+                          "pip install 'equiqc[gpu]') or --workers 1")
+    if not config.workers:
+        from equiqc.workflows.logs import LOGGER
+
+        LOGGER.warning(f"this machine has {gpus} CUDA GPU(s): --cluster local runs one worker on GPU 0; "
+                       "--cluster cuda runs one worker per GPU")
+    return 1
+
+
 def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
     """The class to build and its keyword arguments (separate so tests can assert them without hardware)."""
     opts = dict(config.cluster_options)
@@ -63,8 +89,7 @@ def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
                   "dashboard_address": opts.pop("dashboard_address", config.dashboard_address),
                   "threads_per_worker": 1}
         if config.cluster == "local":
-            workers = config.workers or max(1, os.cpu_count() or 1)
-            return "local", {**kwargs, "n_workers": workers, "processes": True, **opts}
+            return "local", {**kwargs, "n_workers": _local_workers(config), "processes": True, **opts}
         kwargs = {**kwargs, "resources": dict(GPU_RESOURCE), **opts}
         if config.workers:
             kwargs.setdefault("n_workers", config.workers)
