@@ -77,8 +77,10 @@ def test_bids_app_participant_then_group_is_a_derivative_dataset(dataset, tmp_pa
                  "--participant-label", "01", "sub-02", *options]) == 0
     assert "participant level done" in capsys.readouterr().out
     assert not (out / "decisions.tsv").exists()  # the group level decides
+    # no labels: the whole dataset (sub-03 is left to compute) under one lease, with the cohort decision
     assert main(["bids", str(ds), str(out), "participant", "--target", str(tpl), "--target-mask", str(mask),
-                 "--participant-label", "03", *options]) == 0
+                 *options]) == 0
+    assert "1 computed this run" in capsys.readouterr().out and (out / "decisions.tsv").exists()
     assert main(["bids", str(ds), str(out), "group"]) == 0
     layout = ancpbids.BIDSLayout(str(out))
     description = layout.get_dataset_description()

@@ -4,8 +4,10 @@
   target template, and compute the pairs of the participants asked for (``--participant-label``; all by
   default) with the cluster options of ``equiqc run``; each complete pair's derivatives (uncertainty map and
   the checked registration as an ITK/ANTs transform, with JSON sidecars) are written under
-  ``OUT/sub-XX/[ses-YY/]anat/`` (:mod:`equiqc.storage.derivatives`). Participants may run side by side (one
-  job each) on the same ``OUT``: each holds a lease on its own participants only.
+  ``OUT/sub-XX/[ses-YY/]anat/`` (:mod:`equiqc.storage.derivatives`). Participants named with
+  ``--participant-label`` may run side by side (one job each) on the same ``OUT``: each holds a lease on its
+  own participants only; ``--shard I/N`` splits the dataset's pairs the same way. Without labels or shard the
+  participant level computes the whole dataset and also writes the cohort decision.
 * **group**: the cohort decision over every pair computed so far (``equiqc report OUT``): ``decisions.tsv``,
   ``exclude.tsv`` and ``report.html`` at the top of ``OUT``.
 
@@ -68,7 +70,9 @@ def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, 
         raise BidsError("give --participant-label or --shard, not both (both split the dataset's pairs)")
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.tsv", rows)
-    subjects = None if shard else {i.subject_id for i in chosen}
+    # labels: a lease per participant named (jobs per participant run side by side); no labels: the whole
+    # dataset (or its shard) under one lease, and a whole run also writes the cohort decision
+    subjects = {i.subject_id for i in chosen} if participant_labels else None
     summary = run_cohort(out / "manifest.tsv", out, config, argv=argv, shard=shard, subjects=subjects)
     by_pair = {i.stem: i for i in every}
     complete = [r["pair_id"] for r in summary.rows if r["status"] == "complete"]
