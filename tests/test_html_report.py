@@ -171,3 +171,15 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
     excluded = (run_dir / "exclude.tsv").read_text()
     assert pair in excluded and "\texclude" in excluded
     assert "<option value='exclude' selected>" in (run_dir / "report.html").read_text()  # the stored rating shows
+
+
+@pytest.mark.slow
+def test_the_number_of_embedded_figures_is_capped(run_dir):
+    from equiqc.workflows.html_report import write_html_report
+
+    try:
+        page = write_html_report(run_dir, max_figures=1).read_text()
+        assert page.count("slices' src='data:image/png") == 1
+        assert "more pairs to look at are not drawn (at most 1 figures" in page
+    finally:
+        write_html_report(run_dir)  # the other tests read the full page

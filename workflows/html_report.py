@@ -150,13 +150,21 @@ def _rating_cells(current) -> str:
     return f"<td><select class='rating'>{options}</select></td><td><input class='note' size='18'></td>"
 
 
-def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = None) -> Path:
-    """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path."""
+MAX_FIGURES = 50  # slice figures embedded at most (about 0.1 MB and 0.6 s each): report.html stays bounded
+
+
+def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = None,
+                      max_figures: int = MAX_FIGURES) -> Path:
+    """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path.
+
+    Slice figures are drawn for the flagged pairs and the ``top_n`` highest risk scores, highest first, at most
+    ``max_figures`` of them; the pairs beyond the cap are listed by name (their rows stay in the table)."""
     out_dir = Path(out_dir)
     frame = pd.read_parquet(out_dir / "report.parquet")
     frame = frame.sort_values("risk_score", ascending=False, na_position="first")
     done = frame[frame.status == "complete"]
     chosen = list(dict.fromkeys(list(done[done.flagged].pair_id) + list(done.pair_id[:top_n])))
+    chosen, beyond = chosen[:max_figures], chosen[max_figures:]
     label_cols = [c for c in frame.columns if c.startswith("uncertainty_mean_mm_")]
     sections = []
     for pid in chosen:
@@ -175,6 +183,9 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
                         f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
                         f"src='{img}'>{table}")
+    if beyond:
+        sections.append(f"<p>{len(beyond)} more pairs to look at are not drawn (at most {max_figures} figures keep "
+                        f"this page small): {html.escape(', '.join(beyond))}</p>")
     cols = [c for c in COLUMNS if c in frame.columns]
     head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
     head += "<th>your rating</th><th>note</th>"
