@@ -83,7 +83,8 @@ def dataset_description(bids_dir: Path) -> dict:
 
 def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
              session_labels: list[str] | None = None, suffix: str = "T1w") -> list[BidsImage]:
-    """The dataset's ``anat`` images with ``suffix`` (``.nii``/``.nii.gz``), optionally only the given participants
+    """The raw dataset's ``anat`` images with ``suffix`` (``.nii``/``.nii.gz``; nothing under ``derivatives/``),
+    optionally only the given participants
     and sessions (labels with or without ``sub-``/``ses-``), sorted by path. BidsError when the folder is not a
     BIDS dataset, a participant label is not in it, or nothing matches."""
     import ancpbids
@@ -95,7 +96,8 @@ def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
     layout = ancpbids.BIDSLayout(str(bids_dir))
     wanted_subjects, wanted_sessions = _strip(participant_labels, "sub-"), _strip(session_labels, "ses-")
     images = []
-    for artifact in layout.get(suffix=suffix, extension=[".nii", ".nii.gz"], return_type="object"):
+    # scope "raw": never the images of derivatives/ (fMRIPrep's desc-preproc_T1w, or equiqc's own OUT there)
+    for artifact in layout.get(suffix=suffix, extension=[".nii", ".nii.gz"], return_type="object", scope="raw"):
         path = Path(artifact.get_absolute_path())
         if path.parent.name != "anat":
             continue

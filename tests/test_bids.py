@@ -42,6 +42,12 @@ def dataset(tmp_path_factory):
             stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
             save_volume(folder / f"{stem}_T1w.nii.gz", moved, affine)
             save_volume(folder / f"{stem}_T2w.nii.gz", moved, affine)  # not the suffix asked for: ignored
+    # another pipeline's derivatives inside the dataset: their T1w images are not raw data
+    prep = ds / "derivatives" / "fmriprep"
+    (prep / "sub-01" / "anat").mkdir(parents=True)
+    (prep / "dataset_description.json").write_text(json.dumps({"Name": "prep", "BIDSVersion": "1.9.0",
+                                                               "DatasetType": "derivative"}))
+    save_volume(prep / "sub-01" / "anat" / "sub-01_desc-preproc_T1w.nii.gz", data, affine)
     return ds, tpl, root / "tpl-MNI152NLin2009cAsym_res-04_desc-brain_mask.nii.gz"
 
 
