@@ -84,9 +84,15 @@ def dataset_description(bids_dir: Path) -> dict:
 def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
              session_labels: list[str] | None = None, suffix: str = "T1w") -> list[BidsImage]:
     """The raw dataset's ``anat`` images with ``suffix`` (``.nii``/``.nii.gz``; nothing under ``derivatives/``),
-    optionally only the given participants
-    and sessions (labels with or without ``sub-``/``ses-``), sorted by path. BidsError when the folder is not a
-    BIDS dataset, a participant label is not in it, or nothing matches."""
+    optionally only the given participants and sessions (labels with or without ``sub-``/``ses-``), sorted by
+    path. BidsError when the folder is not a BIDS dataset, a participant label is not in it, or nothing
+    matches."""
+    return select_participants(_index(bids_dir, session_labels, suffix), participant_labels, bids_dir, suffix,
+                               session_labels)
+
+
+def _index(bids_dir: str | Path, session_labels: list[str] | None, suffix: str) -> list[BidsImage]:
+    """Every participant's matching images (see :func:`discover`), indexed once with ancpbids."""
     import ancpbids
 
     bids_dir = Path(bids_dir)
@@ -94,7 +100,7 @@ def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
         raise BidsError(f"{bids_dir}: no such folder (give the BIDS dataset's root folder)")
     dataset_description(bids_dir)
     layout = ancpbids.BIDSLayout(str(bids_dir))
-    wanted_subjects, wanted_sessions = _strip(participant_labels, "sub-"), _strip(session_labels, "ses-")
+    wanted_sessions = _strip(session_labels, "ses-")
     images = []
     # scope "raw": never the images of derivatives/ (fMRIPrep's desc-preproc_T1w, or equiqc's own OUT there)
     for artifact in layout.get(suffix=suffix, extension=[".nii", ".nii.gz"], return_type="object", scope="raw"):
@@ -104,20 +110,26 @@ def discover(bids_dir: str | Path, participant_labels: list[str] | None = None,
         entities = {k: str(v) for k, v in artifact.get_entities().items()}
         if "sub" not in entities:
             continue
-        if wanted_subjects is not None and entities["sub"] not in wanted_subjects:
-            continue
         if wanted_sessions is not None and entities.get("ses") not in wanted_sessions:
             continue
         images.append(BidsImage(path, entities, suffix))
+    return sorted(images, key=lambda i: str(i.path))
+
+
+def select_participants(images: list[BidsImage], participant_labels: list[str] | None, bids_dir: str | Path,
+                        suffix: str = "T1w", session_labels: list[str] | None = None) -> list[BidsImage]:
+    """The images of the given participants (all when None), from :func:`discover`'s list: no second index.
+    BidsError when a participant has no image or nothing is left."""
+    wanted_subjects, wanted_sessions = _strip(participant_labels, "sub-"), _strip(session_labels, "ses-")
+    chosen = [i for i in images if wanted_subjects is None or i.entities["sub"] in wanted_subjects]
     if wanted_subjects:
-        found = {i.entities["sub"] for i in images}
-        absent = sorted(wanted_subjects - found)
+        absent = sorted(wanted_subjects - {i.entities["sub"] for i in chosen})
         if absent:
             raise BidsError(f"{bids_dir}: participant {absent[0]!r} has no anat/*_{suffix}.nii[.gz] image "
                             f"(with the sessions asked for)")
-    if not images:
+    if not chosen:
         raise BidsError(f"{bids_dir}: no anat/*_{suffix}.nii[.gz] image matches"
                         + (f" participants {sorted(wanted_subjects)}" if wanted_subjects else "")
                         + (f" sessions {sorted(wanted_sessions)}" if wanted_sessions else "")
                         + "; check the labels and --suffix")
-    return sorted(images, key=lambda i: str(i.path))
+    return chosen

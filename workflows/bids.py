@@ -23,13 +23,11 @@ import os
 import re
 from pathlib import Path
 
-from equiqc.storage.bids import BidsError, BidsImage, discover, image_from_name
+from equiqc.storage.bids import BidsError, BidsImage, discover, image_from_name, select_participants
 from equiqc.storage.derivatives import pair_files, write_dataset_description, write_pair_derivatives
 from equiqc.storage.manifest import write_manifest
 from equiqc.workflows.config import RunConfig
 from equiqc.workflows.logs import LOGGER
-
-LEVELS = ("participant", "group")
 
 
 def space_label(target: str | Path, given: str | None = None) -> str:
@@ -57,8 +55,8 @@ def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, 
         if path is not None and not Path(path).is_file():
             raise BidsError(f"{role} {path}: file not found")
     out, space = Path(out), space_label(target, space)
-    every = discover(bids_dir, None, session_labels, suffix)
-    chosen = discover(bids_dir, participant_labels, session_labels, suffix) if participant_labels else every
+    every = discover(bids_dir, None, session_labels, suffix)  # indexed once; the participants are picked from it
+    chosen = select_participants(every, participant_labels, bids_dir, suffix, session_labels)
     rows = []
     for image in every:
         row = {"subject_id": image.subject_id, "pair_id": image.stem, "source": str(image.path),
