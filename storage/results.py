@@ -221,7 +221,7 @@ def _axis_coords(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]
 
 
 def _diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = sorted(differing_keys(old, new))
     return ", ".join(f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in keys[:3]) or "unknown"
 
 

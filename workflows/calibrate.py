@@ -30,6 +30,7 @@ import numpy as np
 import equiqc
 from equiqc.pipeline.calibration import FEATURE, TARGET, Calibration, coverage_interval, fit_calibration
 from equiqc.storage.calibration import read_calibration, shipped_calibration_path, write_calibration
+from equiqc.storage.results import differing_keys
 from equiqc.workflows.config import ConfigError, RunConfig
 from equiqc.workflows.logs import LOGGER
 
@@ -55,16 +56,14 @@ class CalibrationChoice:
         return cls(Calibration.from_dict(mapping) if mapping else None, record.get("source"), record["summary"])
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def _describe(record: dict, source: str) -> str:
+def _chosen(record: dict, source: str) -> CalibrationChoice:
+    """The choice of a calibration file's mapping, with the line report.html shows about it."""
     held = record.get("held_out") or {}
     cal = record["calibration"]
     coverage = (f"; held-out coverage {held['covered']}/{held['n']}" if held.get("n") else "")
-    return (f"{source}: expected_error_upper_mm is a {cal['coverage']:.0%} upper bound (jackknife+, "
-            f"{len(cal['loo'])} calibration pairs{coverage})")
+    return CalibrationChoice(Calibration.from_dict(cal), source,
+                             f"{source}: expected_error_upper_mm is a {cal['coverage']:.0%} upper bound (jackknife+, "
+                             f"{len(cal['loo'])} calibration pairs{coverage})")
 
 
 def choose_calibration(config: RunConfig) -> CalibrationChoice:
@@ -75,25 +74,23 @@ def choose_calibration(config: RunConfig) -> CalibrationChoice:
         return CalibrationChoice(None, None, "none: switched off (calibration: none)")
     if config.calibration:
         record = read_calibration(config.calibration)
-        diff = _differences(record["setting"], setting)
+        diff = sorted(differing_keys(record["setting"], setting))
         if diff:
             raise ConfigError(f"--calibration {config.calibration}: made for another setting (differs in: "
                               f"{', '.join(diff)}); calibrate this setting with `equiqc calibrate` and the run's "
                               "options, or leave --calibration out")
-        source = str(Path(config.calibration).resolve())
-        return CalibrationChoice(Calibration.from_dict(record["calibration"]), source, _describe(record, source))
+        return _chosen(record, str(Path(config.calibration).resolve()))
     shipped = shipped_calibration_path(config.model)
     if shipped is None:
         return CalibrationChoice(None, None, f"none: no calibration ships for model {config.model!r}; make one with "
                                  "`equiqc calibrate` and pass --calibration (expected-error columns are empty)")
     record = read_calibration(shipped)
-    diff = _differences(record["setting"], setting)
+    diff = sorted(differing_keys(record["setting"], setting))
     if diff:
         return CalibrationChoice(None, None, f"none: the calibration shipped for {config.model!r} is for another "
                                  f"setting (this run differs in: {', '.join(diff)}); make one with `equiqc "
                                  "calibrate` and pass --calibration (expected-error columns are empty)")
-    source = f"shipped:{config.model}"
-    return CalibrationChoice(Calibration.from_dict(record["calibration"]), source, _describe(record, source))
+    return _chosen(record, f"shipped:{config.model}")
 
 
 def held_out_check(calibration: Calibration, rows: list[dict]) -> dict:
