@@ -5,7 +5,12 @@ For K random perturbations ``tau_k`` of the source grid:
 1. ``A'_k = warp(A, tau_k)`` (the source presented in a perturbed frame),
 2. ``phi'_k = R(A'_k, B)`` (one forward per batch of B samples),
 3. ``psi_k = tau_k o phi'_k`` (exact for affine ``tau``; linear interpolation of ``tau`` otherwise),
-4. per target voxel, the mean and covariance of ``psi_k`` in millimetres (source world space), streamed.
+4. per target voxel, the mean and covariance of ``psi_k``, streamed (float32 sums of samples centred per
+   voxel, in source voxel units; converted to millimetres once at the end with the source affine).
+
+For affine families, steps 1-3 are one backend call (:func:`~equiqc.pipeline.backends.base.register_perturbed`):
+an adapter with that hook samples the source once, straight onto its network grid, and folds ``tau_k`` into
+its own map back; the target is prepared once per pair (:func:`~equiqc.pipeline.backends.base.prepare`).
 
 With a stochastic backend, ``draws`` predictions per perturbation split the covariance into the
 intrinsic spread (within-perturbation) and the bias jitter (between-perturbation means).
@@ -18,7 +23,6 @@ the valid samples per voxel; statistics use those only, and are NaN where fewer 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +30,8 @@ import torch
 
 from equiqc.pipeline import moments as M
 from equiqc.pipeline import transforms as T
-from equiqc.pipeline.backends.base import RegistrationBackend, check_prediction
+from equiqc.pipeline.backends import base as B
+from equiqc.pipeline.backends.base import RegistrationBackend
 from equiqc.pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
 
 Tensor = torch.Tensor
@@ -37,27 +42,48 @@ class EstimatorConfig:
     """How many samples, in which batches, and of which perturbations.
 
     samples: K, the number of perturbations.
-    batch_size: forwards per model call (a batch always holds whole groups of ``draws``).
+    batch_size: forwards per model call (a batch always holds whole groups of ``draws``); ``None``: chosen
+        for the device (:func:`default_batch_size`).
     draws: predictions per perturbation (>1 only for stochastic backends; enables the variance split).
     include_unperturbed: count the unperturbed prediction as one more sample (``tau = id``).
+    covariance: compute the covariance components (``covariance_mm2`` and, with draws, the split); without
+        it only the trace is accumulated (``std_mm``), which needs only the diagonal on axis-aligned grids.
     """
 
     samples: int = 16
-    batch_size: int = 4
+    batch_size: int | None = None
     draws: int = 1
     include_unperturbed: bool = False
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    covariance: bool = True
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "draws"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if name == "batch_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"estimator option {name} must be an integer >= 1, got {value!r}")
         if self.samples * self.draws + int(self.include_unperturbed) * self.draws < 2:
             raise ValueError("at least two samples are needed to estimate a spread")
 
 
-def mc_dropout_config(samples: int = 16, batch_size: int = 4) -> EstimatorConfig:
+# Measured with benchmarks/performance.py (default model, one thread, 2 mm MNI pair): on a CPU a batch of 1
+# is the fastest per sample (a batch of 4 was 1.3x slower per sample for the network alone).
+CPU_BATCH_SIZE = 1
+# On a GPU the first pair of a shape tries every sample in one call, halving on out-of-memory; the size
+# that fit is remembered for later pairs of the same backend and shapes (per worker process).
+GPU_MAX_BATCH_SIZE = 64
+_GPU_BATCH: dict[tuple, int] = {}
+
+
+def default_batch_size(device: torch.device | str, samples: int) -> int:
+    """Forwards per model call when none is asked for: 1 on a CPU, all ``samples`` (at most
+    :data:`GPU_MAX_BATCH_SIZE`) on a GPU, where out-of-memory halves it (see :func:`estimate_uncertainty`)."""
+    return CPU_BATCH_SIZE if torch.device(device).type != "cuda" else max(1, min(samples, GPU_MAX_BATCH_SIZE))
+
+
+def mc_dropout_config(samples: int = 16, batch_size: int | None = None) -> EstimatorConfig:
     """The MC-dropout baseline: K unperturbed predictions of a backend built with ``mc_dropout=True``."""
     return EstimatorConfig(samples=samples, batch_size=batch_size, perturbation=PerturbationConfig(kind="none"))
 
@@ -67,18 +93,22 @@ class UncertaintyResult:
     """Per-voxel statistics on the target grid (spatial axes in array order).
 
     std_mm: ``sqrt(trace(Cov[psi]))`` in mm, ``(*target)``; NaN where ``n_valid < 2``.
-    covariance_mm2: symmetric covariance components (mm^2), ``(n_comp, *target)``, order ``components``.
+    covariance_mm2: symmetric covariance components (mm^2), ``(n_comp, *target)``, order ``components``
+        (source world axes); ``None`` when the estimate was asked for the spread only.
     mean_map: mean composed map ``E[psi]`` in source voxel units, ``(D, *target)``, NaN where no sample
         is valid (the test-time-augmented registration).
     prediction_map: the unperturbed prediction ``R(A, B)`` in source voxel units, ``(D, *target)``.
     n_valid: valid samples per voxel, ``(*target)``.
     intrinsic_spread_mm2, bias_jitter_mm2: the split of ``covariance_mm2`` (same layout) when the backend
         is stochastic and ``draws > 1``; they add up to ``covariance_mm2``.
-    timings_s: wall time per stage (perturb, forward, compose, statistics, total), seconds.
+    timings_s: wall time per stage, seconds: prepare (the backend's per-pair work), perturb (dense
+        perturbations: build and warp), forward (the backend's calls; for affine families this includes
+        sampling the perturbed source and mapping back), compose (composing back, validity), statistics, total.
+    batch_size: the forwards per model call the estimate ran with (after any out-of-memory halving).
     """
 
     std_mm: np.ndarray
-    covariance_mm2: np.ndarray
+    covariance_mm2: np.ndarray | None
     components: tuple[tuple[int, int], ...]
     mean_map: np.ndarray
     prediction_map: np.ndarray
@@ -87,6 +117,7 @@ class UncertaintyResult:
     intrinsic_spread_mm2: np.ndarray | None = None
     bias_jitter_mm2: np.ndarray | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0
 
     @property
     def trace_mm2(self) -> np.ndarray:
@@ -100,15 +131,15 @@ class _Group:
     counted: bool
 
 
-def _batches(groups: list[_Group], capacity: int) -> Iterator[list[_Group]]:
-    batch: list[_Group] = []
+def _take(groups: list[_Group], capacity: int) -> list[_Group]:
+    """The next batch: whole groups from the front of ``groups``, at most ``capacity`` forwards (at least one group)."""
+    batch, size = [], 0
     for g in groups:
-        if batch and sum(b.draws for b in batch) + g.draws > capacity:
-            yield batch
-            batch = []
+        if batch and size + g.draws > capacity:
+            break
         batch.append(g)
-    if batch:
-        yield batch
+        size += g.draws
+    return batch
 
 
 def with_identity(p: Perturbations) -> Perturbations:
@@ -157,8 +188,9 @@ def estimate_uncertainty(
 
     ``source``/``target``: ``(*spatial)``, ``(C, *spatial)`` or ``(1, C, *spatial)`` arrays (2D or 3D);
     affines are voxel-to-world (mm), identity when omitted. ``seed`` fixes the perturbations and the
-    backend's own randomness (e.g. dropout): same inputs, seed and device give the same numbers. All
-    computation happens on ``backend.device``; results come back as numpy arrays.
+    backend's own randomness (e.g. dropout): same inputs, seed, device and batch size give the same numbers
+    (another batch size draws the same perturbations; only the network's float rounding differs, ~1e-6).
+    All computation happens on ``backend.device``; results come back as numpy arrays.
     """
     config = config or EstimatorConfig()
     if config.perturbation.kind == "none" and not backend.stochastic:
@@ -175,59 +207,101 @@ def estimate_uncertainty(
 
     pert = with_identity(sample_perturbations(config.perturbation, config.samples, src_shape, a_src.cpu(), seed))
     identity = config.samples
-    groups = [_Group(identity, config.draws if config.include_unperturbed else 1, config.include_unperturbed)]
-    groups += [_Group(k, config.draws, True) for k in range(config.samples)]
+    pending = [_Group(identity, config.draws if config.include_unperturbed else 1, config.include_unperturbed)]
+    pending += [_Group(k, config.draws, True) for k in range(config.samples)]
+    n_samples = sum(g.draws for g in pending if g.counted)
 
-    stats = M.StreamingMoments(d, tgt_shape, device)
+    linear = a_src[:d, :d].cpu()  # source voxel units -> mm
+    split = config.draws > 1
+    full = config.covariance or split
+    comps = M.components(d) if full else tuple(M.trace_weights(linear))
+    stats = M.StreamingMoments(d, tgt_shape, device, comps=comps)
     prediction: Tensor | None = None
     timer = _Timer(device)
     t_start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
+    auto = config.batch_size is None
+    cache_key = (id(backend), str(device), src_shape, tgt_shape, config.draws)
+    capacity = max(config.batch_size or _GPU_BATCH.get(cache_key, default_batch_size(device, len(pending))),
+                   config.draws)
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for batch in _batches(groups, max(config.batch_size, config.draws)):
+        t0 = time.perf_counter()
+        pair = B.prepare(backend, src, tgt, a_src, a_tgt)
+        timer.lap("prepare", t0)
+        while pending:
+            batch = _take(pending, capacity)
+            try:
+                psi, valid, phi_identity = _predict(backend, pair, pert, batch, timer, src_shape, tgt_shape)
+            except torch.cuda.OutOfMemoryError:
+                if not auto or capacity <= config.draws:
+                    raise
+                torch.cuda.empty_cache()
+                capacity = max(config.draws, capacity // 2)
+                _GPU_BATCH[cache_key] = capacity
+                continue
+            del pending[: len(batch)]
             t0 = time.perf_counter()
-            index = torch.tensor([g.tau for g in batch for _ in range(g.draws)])
-            tau = pert.maps(index, device)
-            moved = T.warp(src, tau)
-            t0 = timer.lap("perturb", t0)
-            phi_p = check_prediction(
-                backend.register(moved, tgt.expand(len(index), *tgt.shape[1:]), a_src, a_tgt), moved, tgt
-            )
-            t0 = timer.lap("forward", t0)
-            psi = pert.compose_back(index, phi_p, None if pert.is_affine else tau)
-            valid = T.inside_grid(psi, src_shape)
-            if not pert.is_affine:
-                valid &= T.inside_grid(phi_p, src_shape)
             if prediction is None:
-                prediction = phi_p[0].clone()
-            t0 = timer.lap("compose", t0)
+                prediction = phi_identity
             counted = torch.tensor([g.counted for g in batch for _ in range(g.draws)], device=device)
             if counted.any():
                 group = torch.tensor([i for i, g in enumerate(batch) if g.counted for _ in range(g.draws)],
                                      device=device)
-                group -= group.min()
-                psi_mm = T.voxel_to_mm(psi[counted], a_src)  # float32: centred inside the accumulator
-                stats.update(psi_mm, valid[counted], group)
+                stats.update(psi[counted] if not counted.all() else psi, valid[counted] if not counted.all()
+                             else valid, group - group.min())
             timer.lap("statistics", t0)
-            del tau, moved, phi_p, psi
+            del psi, valid
 
-        cov = stats.covariance("total")
-        std = torch.sqrt(M.trace(cov, d).clamp_min(0))
-        mean_vox = T.mm_to_voxel(stats.mean_value()[None], a_src)[0]
+        t0 = time.perf_counter()
+        cov_vox = stats.covariance("total")
+        if full:
+            cov = M.transform(cov_vox, comps, linear)
+            std = torch.sqrt(M.trace(cov, d).clamp_min(0))
+        else:
+            cov = None
+            trace = sum(w * cov_vox[k] for k, w in enumerate(M.trace_weights(linear).values()))
+            std = torch.sqrt(trace.clamp_min(0))
+        mean_vox = stats.mean_value()
         mean_vox = torch.where(stats.count > 0, mean_vox, torch.full_like(mean_vox, float("nan")))
-        split = config.draws > 1
         result = UncertaintyResult(
             std_mm=std.float().cpu().numpy(),
-            covariance_mm2=cov.float().cpu().numpy(),
-            components=stats.comps,
+            covariance_mm2=None if cov is None else cov.float().cpu().numpy(),
+            components=M.components(d),
             mean_map=mean_vox.float().cpu().numpy(),
             prediction_map=prediction.float().cpu().numpy(),
             n_valid=stats.count.round().to(torch.int32).cpu().numpy(),
-            n_samples=sum(g.draws for g in groups if g.counted),
-            intrinsic_spread_mm2=stats.covariance("within").float().cpu().numpy() if split else None,
-            bias_jitter_mm2=stats.covariance("between").float().cpu().numpy() if split else None,
+            n_samples=n_samples,
+            intrinsic_spread_mm2=(M.transform(stats.covariance("within"), comps, linear).float().cpu().numpy()
+                                  if split else None),
+            bias_jitter_mm2=(M.transform(stats.covariance("between"), comps, linear).float().cpu().numpy()
+                             if split else None),
         )
+        timer.lap("statistics", t0)
     timer.lap("total", t_start)
     result.timings_s = timer.times
+    result.batch_size = capacity
     return result
+
+
+def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Timer, src_shape, tgt_shape):
+    """Composed-back predictions ``psi`` ``(b, D, *target)`` (source voxels) of one batch, their validity, and
+    the prediction of the batch's first sample (the unperturbed one, in the first batch)."""
+    index = torch.tensor([g.tau for g in batch for _ in range(g.draws)])
+    t0 = time.perf_counter()
+    if pert.is_affine:
+        psi = B.check_prediction(B.register_perturbed(backend, pair, pert.matrices[index]), len(index), tgt_shape)
+        t0 = timer.lap("forward", t0)
+        valid = T.inside_grid(psi, src_shape)
+        first = psi[0].clone()
+    else:
+        tau = pert.maps(index, pair.source.device)
+        moved = T.warp(pair.source, tau)
+        t0 = timer.lap("perturb", t0)
+        phi_p = B.check_prediction(B.register_prepared(backend, pair, moved), len(index), tgt_shape)
+        t0 = timer.lap("forward", t0)
+        psi = pert.compose_back(index, phi_p, tau)
+        valid = T.inside_grid(psi, src_shape) & T.inside_grid(phi_p, src_shape)
+        first = phi_p[0].clone()
+    timer.lap("compose", t0)
+    return psi, valid, first

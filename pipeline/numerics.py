@@ -9,6 +9,10 @@ resume keeps working across that upgrade.
 History: 1 = the estimator as of the first cohort runs (float32 centred sums merged in float64).
 2 = uniGradICON/multiGradICON see the reference's array layout (SAR); MultiPropReg's map is the sampling
 positions of the package's own warp (align_corners=False).
+3 = one interpolation per sample (affine perturbations folded into the adapter's resampling), images
+normalised after resampling onto the network grid (as in training), maps brought back by interpolating the
+displacement, float32 sums in voxel units; the diffeomorphic family integrated on a coarse grid. The batch
+size left the result key (it does not change the numbers).
 """
 
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3

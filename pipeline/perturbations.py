@@ -72,10 +72,12 @@ class Perturbations:
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.affine_map(self.matrices[index].to(device), self.shape, dtype)
-        v = self.velocity[index].to(device=device, dtype=dtype)
-        v = F.interpolate(v, size=self.shape, mode="bilinear" if len(self.shape) == 2 else "trilinear",
-                          align_corners=True)
-        return T.displacement_to_map(T.scaling_and_squaring(v))
+        v = self.velocity[index].to(device=device, dtype=dtype)  # control grid, source voxel units
+        grid = integration_grid(self.shape, v.shape[2:])
+        v = F.interpolate(v, size=grid, mode="bilinear" if len(grid) == 2 else "trilinear", align_corners=True)
+        to_grid = [(m - 1) / max(n - 1, 1) for m, n in zip(grid, self.shape, strict=True)]  # source -> grid voxels
+        v = v * torch.tensor(to_grid, dtype=dtype, device=v.device).view(1, -1, *([1] * len(grid)))
+        return T.displacement_to_map(T.resize_displacement(T.scaling_and_squaring(v), self.shape))
 
     def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, tau: Tensor | None = None) -> Tensor:
         """``psi = tau o phi'`` for the selected perturbations; exact for affine families.
@@ -89,6 +91,18 @@ class Perturbations:
         if tau is None:
             tau = self.maps(index, phi_prime.device, phi_prime.dtype)
         return T.compose(tau, phi_prime)
+
+
+# The diffeomorphic family's velocity is linear between control points, so it is integrated on a grid with
+# this many intervals per control interval (not on the full source grid) and the displacement upsampled:
+# measured against full-resolution integration in tests/test_perturbations.py and docs/performance.md.
+INTEGRATION_SUBDIVISIONS = 4
+
+
+def integration_grid(shape: Sequence[int], control: Sequence[int]) -> tuple[int, ...]:
+    """Where a velocity on a ``control`` grid is integrated for a source grid of ``shape``: a grid covering the
+    same extent with :data:`INTEGRATION_SUBDIVISIONS` intervals per control interval (at most ``shape``)."""
+    return tuple(min(int(n), (int(c) - 1) * INTEGRATION_SUBDIVISIONS + 1) for n, c in zip(shape, control, strict=True))
 
 
 def rotation_matrices(angles_rad: Tensor, d: int) -> Tensor:

@@ -15,6 +15,7 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -130,17 +131,18 @@ def invert_affine(matrix: Tensor) -> Tensor:
 def apply_affine(matrix: Tensor, phi: Tensor) -> Tensor:
     """Apply homogeneous matrices to every coordinate of a map, exactly (no interpolation).
 
-    ``matrix``: ``(D+1, D+1)`` or ``(B, D+1, D+1)``; ``phi``: ``(B, D, *spatial)``. Returns ``matrix @ phi``
-    per voxel, computed in the dtype of ``phi``.
+    ``matrix``: ``(D+1, D+1)`` or ``(B, D+1, D+1)``; ``phi``: ``(B, D, *spatial)`` (either batch may be 1).
+    Returns ``matrix @ phi`` per voxel, computed in the dtype of ``phi``.
     """
     d = phi.shape[1]
     m = matrix.to(dtype=phi.dtype, device=phi.device)
     if m.dim() == 2:
         m = m[None]
     lin, trans = m[:, :d, :d], m[:, :d, d]
-    flat = phi.reshape(phi.shape[0], d, -1)
-    out = torch.einsum("bij,bjn->bin", lin, flat) + trans[:, :, None]
-    return out.reshape(phi.shape)
+    b = max(m.shape[0], phi.shape[0])  # either side may be one, broadcast over the other's batch
+    flat = phi.reshape(phi.shape[0], d, -1).expand(b, d, -1)
+    out = torch.baddbmm(trans[:, :, None].expand(b, d, 1), lin.expand(b, d, d), flat)
+    return out.reshape(b, *phi.shape[1:])
 
 
 def affine_map(matrix: Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -149,6 +151,51 @@ def affine_map(matrix: Tensor, shape: Sequence[int], dtype: torch.dtype = torch.
         matrix = matrix[None]
     grid = identity_grid(shape, torch.float64, matrix.device).expand(matrix.shape[0], -1, *shape)
     return apply_affine(matrix.double(), grid).to(dtype)
+
+
+def _normalised_from_voxel(shape: Sequence[int], dtype=torch.float64, device=None) -> Tensor:
+    """Homogeneous matrix: voxel index -> ``grid_sample`` coordinates (align_corners=True, axes reversed)."""
+    d = len(shape)
+    m = torch.zeros(d + 1, d + 1, dtype=dtype, device=device)
+    m[d, d] = 1.0
+    for axis, n in enumerate(shape):
+        row = d - 1 - axis  # grid_sample's last coordinate is array axis 0
+        if n > 1:
+            m[row, axis], m[row, d] = 2.0 / (n - 1), -1.0
+    return m
+
+
+def _voxel_from_normalised(shape: Sequence[int], dtype=torch.float64, device=None) -> Tensor:
+    """Homogeneous matrix: ``grid_sample`` coordinates -> voxel index (inverse of the above; 0 on size-1 axes)."""
+    d = len(shape)
+    m = torch.zeros(d + 1, d + 1, dtype=dtype, device=device)
+    m[d, d] = 1.0
+    for axis, n in enumerate(shape):
+        col = d - 1 - axis
+        m[axis, col] = m[axis, d] = (n - 1) / 2
+    return m
+
+
+def warp_affine(image: Tensor, matrix: Tensor, shape: Sequence[int], padding: str = "zeros") -> Tensor:
+    """``warp(image, affine_map(matrix, shape))`` without building the map: one ``affine_grid`` + ``grid_sample``.
+
+    ``image``: ``(B or 1, C, *source_shape)`` float; ``matrix``: ``(D+1, D+1)`` or ``(B, D+1, D+1)`` voxel-space
+    matrices (output grid voxel -> image voxel); ``shape``: the output grid. Linear interpolation.
+    """
+    d = spatial_dims(image)
+    m = matrix.to(dtype=torch.float64, device=image.device)
+    if m.dim() == 2:
+        m = m[None]
+    b = max(m.shape[0], image.shape[0])
+    theta = _normalised_from_voxel(image.shape[2:], device=image.device) @ m @ _voxel_from_normalised(
+        shape, device=image.device)
+    theta = theta[:, :d].to(image.dtype).expand(b, d, d + 1)
+    with warnings.catch_warnings():  # size-1 output axes: affine_grid warns, and gives 0 there as wanted
+        warnings.simplefilter("ignore", UserWarning)
+        grid = F.affine_grid(theta, [b, image.shape[1], *shape], align_corners=True)
+    if image.shape[0] == 1 and b > 1:
+        image = image.expand(b, *image.shape[1:])
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def voxel_to_mm(phi: Tensor, affine: Tensor) -> Tensor:
@@ -196,6 +243,18 @@ def jacobian_determinant(phi: Tensor) -> Tensor:
     grads = [torch.gradient(phi[:, i], dim=tuple(range(1, d + 1))) for i in range(d)]
     jac = torch.stack([torch.stack(g, dim=-1) for g in grads], dim=-2)  # (B, *spatial, D, D)
     return torch.linalg.det(jac.double()).to(phi.dtype)
+
+
+def resize_displacement(u: Tensor, shape: Sequence[int]) -> Tensor:
+    """A displacement ``(B, D, *grid)`` in voxels of its own grid, linearly resampled onto ``shape`` covering the
+    same extent (first and last voxel centres aligned) and rescaled to voxels of ``shape``."""
+    d = u.dim() - 2
+    if tuple(u.shape[2:]) == tuple(shape):
+        return u
+    factor = torch.tensor([(n - 1) / max(h - 1, 1) for n, h in zip(shape, u.shape[2:], strict=True)],
+                          dtype=u.dtype, device=u.device)
+    up = F.interpolate(u, size=tuple(shape), mode="trilinear" if d == 3 else "bilinear", align_corners=True)
+    return up * factor.view(1, d, *([1] * d))
 
 
 def scaling_and_squaring(velocity: Tensor, steps: int = 7) -> Tensor:

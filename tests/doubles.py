@@ -132,3 +132,40 @@ class Exploding(torch.nn.Module):
 
     def forward(self, source: Tensor, target: Tensor) -> Tensor:
         raise RuntimeError("the network exploded on purpose")
+
+
+class IntensityDisplacement(torch.nn.Module):
+    """A network whose displacement (network voxels) is a fixed linear function of the two images' intensities:
+    ``u_c = gain_c * (source - target)``. Smooth images make any error in an adapter's grids or matrices show up
+    as voxels, while interpolating the source once or twice differs only by interpolation error."""
+
+    def __init__(self, gains=(2.0, -1.5, 1.0)):
+        super().__init__()
+        self.register_buffer("gains", torch.tensor(gains))
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        d = source.dim() - 2
+        return self.gains[:d].view(1, d, *([1] * d)) * (source - target)
+
+
+def smooth_blob(shape, centre_shift=0.0) -> Tensor:
+    """``(1, 1, *shape)``: a Gaussian blob (intensities 0-1, about 0 at the edges), off-centre (no axis symmetric)."""
+    grid = T.identity_grid(shape, torch.float64)[0]
+    centre = torch.tensor([0.45 * n + centre_shift for n in shape], dtype=torch.float64).view(-1, *([1] * len(shape)))
+    width = torch.tensor([0.2 * n for n in shape], dtype=torch.float64).view(-1, *([1] * len(shape)))
+    return torch.exp(-(((grid - centre) / width) ** 2).sum(0) / 2)[None, None].float()
+
+
+class OutOfMemoryAbove:
+    """Wraps a backend; raises ``torch.OutOfMemoryError`` for calls of more than ``limit`` samples (as a GPU would)."""
+
+    def __init__(self, backend, limit: int):
+        self.backend, self.limit = backend, limit
+        self.name, self.device, self.stochastic, self.input_shape = "oom", backend.device, False, None
+        self.batch_sizes: list[int] = []
+
+    def register(self, source, target, source_affine=None, target_affine=None) -> Tensor:
+        self.batch_sizes.append(source.shape[0])
+        if source.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"{source.shape[0]} samples do not fit")
+        return self.backend.register(source, target, source_affine, target_affine)

@@ -17,7 +17,7 @@ from equiqc.pipeline.backends.grids import index_matrix
 from equiqc.pipeline.backends.module import ModuleBackend, enable_mc_dropout
 from equiqc.pipeline.backends.registry import available, load_backend, register_backend
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
-from equiqc.pipeline.perturbations import PerturbationConfig
+from equiqc.pipeline.perturbations import PerturbationConfig, sample_perturbations
 
 CONVENTIONS = [OutputConvention(k, u, a) for k in ("map", "displacement") for u in ("voxel", "unit", "normalized")
                for a in ("ij", "xy")]
@@ -214,3 +214,84 @@ def test_icon_intensity_preprocessing():
     assert float(mri.min()) == 0.0 and float(mri.max()) == 1.0 and float(mri[0, 500]) == pytest.approx(50 / 99, 1e-3)
     with pytest.raises(ValueError, match="modality"):
         icon_normalise("pet")
+
+
+# ------------------------------------------------------------------------ one interpolation per sample
+
+
+@pytest.mark.parametrize("layout,align_corners,net_shape", [("RAS", True, (20, 24, 18)), ("LIA", False, (22, 16, 20)),
+                                                             ("SAR", True, None)])
+def test_fused_perturbed_path_equals_warp_then_register(layout, align_corners, net_shape):
+    # register_perturbed samples the source once, straight onto the network grid, and folds T into the map
+    # back; the two-step path warps on the source grid, resamples, maps back, then applies T. Same maps up to
+    # interpolation error (smooth images, so small), on anisotropic grids and a non-RAS layout.
+    from doubles import IntensityDisplacement, smooth_blob
+
+    from equiqc.pipeline.backends import base
+
+    src, tgt = smooth_blob((30, 26, 22)), smooth_blob((28, 25, 24), centre_shift=1.5)
+    a_src = torch.diag(torch.tensor([1.2, 0.9, 1.6, 1.0], dtype=torch.float64))
+    a_tgt = torch.diag(torch.tensor([1.25, 1.0, 1.5, 1.0], dtype=torch.float64))
+    backend = ModuleBackend(IntensityDisplacement(), "intensity", "displacement/voxel/ij", input_shape=net_shape,
+                            align_corners=align_corners, intensity="none", layout=layout)
+    pert = sample_perturbations(PerturbationConfig("affine", max_translation_mm=3.0, max_rotation_deg=5.0), 3,
+                                src.shape[2:], a_src, seed=4)
+    pair = base.prepare(backend, src, tgt, a_src, a_tgt)
+    fused = base.register_perturbed(backend, pair, pert.matrices)
+    moved = T.warp(src, pert.maps(range(3)))
+    two_step = T.apply_affine(pert.matrices, backend.register(moved, tgt.expand(3, -1, -1, -1, -1), a_src, a_tgt))
+    inside = T.inside_grid(two_step, src.shape[2:]) & T.inside_grid(fused, src.shape[2:])
+    diff = (fused - two_step).norm(dim=1)[inside]
+    moved_by = (two_step - T.apply_affine(pert.matrices, T.identity_grid(tgt.shape[2:]))).norm(dim=1)[inside]
+    assert inside.float().mean() > 0.5 and moved_by.mean() > 0.3  # the maps are far from trivial
+    assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())  # voxels
+    # the unperturbed matrix gives the plain registration
+    eye = torch.eye(4, dtype=torch.float64)[None]
+    np.testing.assert_allclose(base.register_perturbed(backend, pair, eye).numpy(),
+                               backend.register(src, tgt, a_src, a_tgt).numpy(), atol=1e-4)
+
+
+def test_default_hooks_fall_back_to_register_for_a_plain_adapter():
+    from doubles import ExactSolver, coordinate_source
+
+    from equiqc.pipeline.backends import base
+
+    solver = ExactSolver()
+    src = coordinate_source((12, 10, 9))
+    m = torch.eye(4, dtype=torch.float64)
+    m[:3, 3] = torch.tensor([0.5, -0.3, 0.2])
+    tgt = torch.cat([T.affine_map(m, (8, 8, 8)), torch.ones(1, 1, 8, 8, 8)], 1)
+    pair = base.prepare(solver, src, tgt, torch.eye(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+    assert isinstance(pair, base.PreparedPair)
+    shift = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
+    shift[:, :3, 3] = torch.tensor([[0.4, 0.0, -0.2], [-0.3, 0.2, 0.1]])
+    psi = base.register_perturbed(solver, pair, shift)  # T o R(A o T, B) = R(A, B) for an exact solver
+    np.testing.assert_allclose(psi.numpy(), T.affine_map(m, (8, 8, 8)).expand(2, -1, -1, -1, -1).numpy(), atol=1e-3)
+
+
+def test_check_prediction_names_non_finite_coordinates_and_wrong_shapes():
+    from equiqc.pipeline.backends.base import check_prediction
+
+    phi = torch.zeros(2, 3, 4, 4, 4)
+    assert check_prediction(phi, 2, (4, 4, 4)) is phi
+    phi[1, 0, 2, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite coordinates"):
+        check_prediction(phi, 2, (4, 4, 4))
+    with pytest.raises(ValueError, match=r"expected \(3, 3, 4, 4, 4\)"):
+        check_prediction(phi, 3, (4, 4, 4))
+    huge = torch.full((1, 3, 4, 4, 4), 3e37)  # the sum overflows; the coordinates are finite
+    assert check_prediction(huge, 1, (4, 4, 4)) is huge
+
+
+def test_a_target_shared_by_pairs_is_prepared_once():
+    from doubles import IntensityDisplacement, smooth_blob
+
+    backend = ModuleBackend(IntensityDisplacement(), "intensity", "displacement/voxel/ij", input_shape=(12, 10, 8),
+                            intensity="percentile")
+    template, other = smooth_blob((16, 14, 12)), smooth_blob((16, 14, 12), centre_shift=2.0)
+    first = backend.prepare(smooth_blob((15, 15, 15)), template)
+    again = backend.prepare(smooth_blob((13, 17, 15), centre_shift=1.0), template.clone())  # same voxels
+    assert again.target_net is first.target_net and again.target_base is first.target_base
+    changed = backend.prepare(smooth_blob((15, 15, 15)), other)
+    assert changed.target_net is not first.target_net
+    assert not torch.equal(changed.target_net, first.target_net)

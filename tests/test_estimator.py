@@ -231,3 +231,67 @@ def test_peak_memory_does_not_grow_with_k(tmp_path):
     one_sample = 3 * 48**3 * 8  # one composed map in float64: 2.6 MB
     # Keeping all samples would cost 56 more of them (~150 MB); streaming must stay within one.
     assert peaks[64] - peaks[8] < one_sample, peaks
+
+
+# ---------------------------------------------------------------- statistics, batch size, spread-only mode
+
+
+OBLIQUE_AFFINE = np.array([[1.1, 0.2, 0.0, -12.0], [-0.15, 0.95, 0.1, 5.0], [0.05, -0.1, 1.4, 2.0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("affine", [SOURCE_AFFINE, OBLIQUE_AFFINE], ids=["axis-aligned", "oblique"])
+def test_statistics_match_a_two_pass_float64_reference(affine):
+    # Every composed sample psi_k is recomputed one at a time, converted to mm in float64 and reduced with numpy:
+    # the streamed float32 voxel-unit sums, converted once at the end, must agree.
+    from equiqc.pipeline.backends import base
+    from equiqc.pipeline.estimator import with_identity
+
+    source, target, _ = pair()
+    model = NoisySolver(None, affine, bias_per_translation=0.3)  # deterministic, tau-dependent error
+    cfg = EstimatorConfig(samples=9, batch_size=4, perturbation=PerturbationConfig(kind="rigid"))
+    res = estimate_uncertainty(model, source, target, affine, TARGET_AFFINE, cfg, seed=5)
+    pert = with_identity(sample_perturbations(cfg.perturbation, 9, SOURCE_SHAPE, torch.as_tensor(affine), 5))
+    a_src = torch.as_tensor(affine)
+    prepared = base.prepare(model, source, target, a_src, torch.as_tensor(TARGET_AFFINE))
+    psi = torch.cat([base.register_perturbed(model, prepared, pert.matrices[k:k + 1]) for k in range(9)]).double()
+    valid = T.inside_grid(psi, SOURCE_SHAPE).numpy()
+    mm = T.voxel_to_mm(psi, a_src).numpy()
+    full = valid.all(0)
+    assert full.mean() > 0.5
+    ref_cov = np.einsum("kivxyz,kjvxyz->ijvxyz", *(2 * [mm.reshape(9, 3, 1, *mm.shape[2:])
+                                                         - mm.mean(0, keepdims=True)[:, :, None]]))[..., 0, :, :, :] / 8
+    ref_std = np.sqrt(np.trace(ref_cov))
+    np.testing.assert_allclose(res.std_mm[full], ref_std[full], rtol=1e-4, atol=1e-5)
+    comps = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    np.testing.assert_allclose(res.covariance_mm2[:, full], np.stack([ref_cov[i, j] for i, j in comps])[:, full],
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(res.mean_map[:, full], psi.numpy().mean(0)[:, full], atol=1e-4)
+    # the spread-only mode gives the same std without the covariance
+    lean = estimate_uncertainty(model, source, target, affine, TARGET_AFFINE,
+                                EstimatorConfig(samples=9, batch_size=4, perturbation=cfg.perturbation,
+                                                covariance=False), seed=5)
+    assert lean.covariance_mm2 is None
+    np.testing.assert_allclose(lean.std_mm, res.std_mm, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_halves_an_automatic_batch_and_remembers_it(monkeypatch):
+    from doubles import OutOfMemoryAbove
+
+    from equiqc.pipeline import estimator as E
+
+    source, target, _ = pair()
+    cfg = EstimatorConfig(samples=10, perturbation=PerturbationConfig(kind="rigid"))  # batch size: automatic
+    assert cfg.batch_size is None and E.default_batch_size("cpu", 11) == 1
+    reference = estimate_uncertainty(ExactSolver(), source, target, SOURCE_AFFINE, TARGET_AFFINE, cfg, seed=2)
+    monkeypatch.setattr(E, "default_batch_size", lambda device, samples: 11)  # as on a GPU: all at once
+    model = OutOfMemoryAbove(ExactSolver(), limit=3)
+    res = estimate_uncertainty(model, source, target, SOURCE_AFFINE, TARGET_AFFINE, cfg, seed=2)
+    assert model.batch_sizes[:3] == [11, 5, 2] and set(model.batch_sizes[3:]) == {2, 1}
+    assert res.batch_size == 2
+    np.testing.assert_allclose(res.std_mm, reference.std_mm, atol=1e-5)
+    model.batch_sizes.clear()  # the next pair of the same shapes starts at the size that fitted
+    estimate_uncertainty(model, source, target, SOURCE_AFFINE, TARGET_AFFINE, cfg, seed=3)
+    assert max(model.batch_sizes) == 2
+    with pytest.raises(torch.OutOfMemoryError):  # an explicit batch size is the user's choice: no halving
+        estimate_uncertainty(OutOfMemoryAbove(ExactSolver(), 3), source, target, SOURCE_AFFINE, TARGET_AFFINE,
+                             EstimatorConfig(samples=10, batch_size=4, perturbation=cfg.perturbation), seed=2)

@@ -66,3 +66,22 @@ def test_diffeomorphic_perturbation_is_smooth_invertible_and_of_the_stated_size(
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError, match="perturbation"):
         PerturbationConfig(**bad)
+
+
+def test_diffeomorphic_maps_integrated_on_the_coarse_grid_match_full_resolution(monkeypatch):
+    # The velocity is integrated on a grid of INTEGRATION_SUBDIVISIONS intervals per control interval, then
+    # upsampled. Against scaling and squaring on the full 2 mm MNI-sized grid (the previous implementation):
+    from equiqc.pipeline import perturbations as P
+
+    shape, affine = (99, 117, 95), torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    pert = sample_perturbations(PerturbationConfig("diffeomorphic"), 2, shape, affine, seed=1)
+    grid = P.integration_grid(shape, pert.velocity.shape[2:])
+    assert all(g < n for g, n in zip(grid, shape, strict=True))
+    coarse = pert.maps([0, 1])
+    monkeypatch.setattr(P, "INTEGRATION_SUBDIVISIONS", 10**6)
+    full = pert.maps([0, 1])
+    error_mm = (coarse - full).norm(dim=1) * 2
+    size_mm = T.map_to_displacement(full).norm(dim=1) * 2
+    assert size_mm.mean() > 1.0
+    assert error_mm.mean() < 0.02 and error_mm.max() < 0.6  # measured: 0.010 and 0.39 mm (seed 1)
+    assert (T.jacobian_determinant(coarse) > 0).all()

@@ -25,7 +25,7 @@ from equiqc.workflows.config import RunConfig
 from equiqc.workflows.run import run_cohort
 from tests.test_storage import bad_inputs
 
-CFG = dict(samples=3, batch_size=4)
+CFG = dict(samples=3)  # batch size: the device default, as the CLI run below uses
 
 
 def small_cohort(folder: Path, n: int = 4) -> Path:

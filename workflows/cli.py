@@ -34,7 +34,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
     p.add_argument("--samples", type=int, help="K perturbations (or MC-dropout samples) per pair (default 16)")
-    p.add_argument("--batch-size", type=int, help="samples per model call (default 4)")
+    p.add_argument("--batch-size", type=int, help="samples per model call (default: 1 on a CPU; on a GPU as many "
+                   "as memory allows)")
     p.add_argument("--seed", type=int, help="run seed; each pair's generator is seeded by (seed, pair id)")
     p.add_argument("--cluster", choices=CLUSTERS, help="local (default), cuda, slurm or pbs")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
@@ -353,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model", default="default")
     est.add_argument("--weights")
     est.add_argument("--samples", type=int, default=8, help="K perturbations (default 8)")
-    est.add_argument("--batch-size", type=int, default=4, help="perturbations per model call (default 4)")
+    est.add_argument("--batch-size", type=int, default=None, help="perturbations per model call (default: 1 on a "
+                     "CPU; on a GPU as many as memory allows)")
     est.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--out", help="write the std_mm map to this NIfTI file")

@@ -6,7 +6,7 @@ Every option is a field of :class:`RunConfig` whose type hint and ``metadata`` (
 in a YAML file is a string and is refused, not guessed.
 
 The part of the configuration that changes the numbers (model, the sha256 of its weights, method,
-perturbation, K, batch size, draws, seed, and :data:`~equiqc.pipeline.estimator.NUMERICS_VERSION`) is
+perturbation, K, draws, seed, storage level, and :data:`~equiqc.pipeline.estimator.NUMERICS_VERSION`) is
 recorded in each pair's completion marker (:meth:`RunConfig.result_key`); results of another key are never
 mixed with these.
 
@@ -56,7 +56,8 @@ class RunConfig:
     perturbation_options: dict = _opt(dict, "PerturbationConfig magnitudes (mm, degrees)")
     model_options: dict = _opt(dict, "keyword arguments of the backend factory (convention, input_shape...)")
     samples: int = _opt(16, "K perturbations (or MC-dropout samples) per pair", min=1)
-    batch_size: int = _opt(4, "samples per model call", min=1)
+    batch_size: int | None = _opt(None, "samples per model call (default: 1 on a CPU, where it is fastest per "
+                                  "sample; on a GPU as many as memory allows, up to 64)", min=1)
     draws: int = _opt(1, "predictions per perturbation (stochastic models only)", min=1)
     seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0)
     cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS)
@@ -104,7 +105,8 @@ class RunConfig:
         from equiqc.pipeline.estimator import EstimatorConfig
 
         return EstimatorConfig(samples=self.samples, batch_size=self.batch_size, draws=self.draws,
-                               perturbation=self.perturbation_config())
+                               perturbation=self.perturbation_config(),
+                               covariance="covariance_mm2" in STORE_LEVELS[self.store])
 
     def result_key(self) -> dict:
         """What determines the numbers: stored in every completion marker and compared on resume."""
@@ -113,7 +115,7 @@ class RunConfig:
         return {"model": self.model, "weights": self.weights, "weights_sha256": self.weights_sha256,
                 "model_options": self.model_options, "method": self.method,
                 "perturbation": self.perturbation_config().to_dict(), "samples": self.samples,
-                "batch_size": self.batch_size, "draws": self.draws, "seed": self.seed,
+                "draws": self.draws, "seed": self.seed,
                 "numerics_version": NUMERICS_VERSION, "store": self.store}
 
     def calibration_setting(self) -> dict:

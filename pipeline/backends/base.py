@@ -10,13 +10,26 @@ An adapter wraps one model and speaks DESIGN's convention on both sides:
 
 Each adapter converts its model's native convention (normalised coordinates, reversed axes, voxel
 displacements, fixed input shape) to this one and back; the estimator never sees the native form.
+
+``register`` is all an adapter must provide. Two optional hooks let it skip repeated work, and the
+functions below fall back to ``register`` for an adapter without them:
+
+* ``prepare(source, target, source_affine, target_affine) -> PreparedPair``: once per pair (e.g. the target
+  normalised and resampled onto the network grid once, not in every batch), then
+  ``register_prepared(pair, sources)`` for a batch of (perturbed) sources of that pair;
+* ``register_perturbed(pair, matrices)``: for affine perturbations ``T_b``, the composed-back maps
+  ``T_b o R(A o T_b, B)`` in one go, so the source is interpolated once, straight onto the network grid, and
+  ``T_b`` is folded into the adapter's own map back.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 
@@ -52,19 +65,67 @@ class RegistrationBackend(Protocol):
         ...
 
 
-def check_prediction(phi: Tensor, source: Tensor, target: Tensor) -> Tensor:
-    """Validate an adapter's output against the convention; returns ``phi`` unchanged.
+@dataclass
+class PreparedPair:
+    """One pair as the estimator hands it to a backend: ``(1, C, *shape)`` float tensors on the backend's
+    device and ``(D+1, D+1)`` float64 voxel-to-world affines (mm). Adapters with a ``prepare`` hook return a
+    subclass holding what they computed once (a resampled target, cached grids)."""
+
+    source: Tensor
+    target: Tensor
+    source_affine: Tensor
+    target_affine: Tensor
+
+
+def prepare(backend: RegistrationBackend, source: Tensor, target: Tensor, source_affine: Tensor,
+            target_affine: Tensor) -> PreparedPair:
+    """The backend's per-pair preparation (its ``prepare`` hook, else the pair as given)."""
+    hook = getattr(backend, "prepare", None)
+    if hook is not None:
+        return hook(source, target, source_affine, target_affine)
+    return PreparedPair(source, target, source_affine, target_affine)
+
+
+def register_prepared(backend: RegistrationBackend, pair: PreparedPair, sources: Tensor) -> Tensor:
+    """Maps ``(B, D, *target_shape)`` registering each of ``sources`` ``(B, C, *source_shape)`` to the pair's
+    target (source voxel units); the backend's ``register_prepared`` hook, else ``register``."""
+    hook = getattr(backend, "register_prepared", None)
+    if hook is not None:
+        return hook(pair, sources)
+    targets = pair.target.expand(sources.shape[0], *pair.target.shape[1:])
+    return backend.register(sources, targets, pair.source_affine, pair.target_affine)
+
+
+def register_perturbed(backend: RegistrationBackend, pair: PreparedPair, matrices: Tensor) -> Tensor:
+    """``psi_b = T_b o R(A o T_b, B)`` for voxel-space perturbation matrices ``T_b`` ``(B, D+1, D+1)`` of the
+    source grid: each prediction for the perturbed source, composed back (source voxel units, target grid).
+
+    The backend's ``register_perturbed`` hook (one interpolation of the source per sample), else: warp the
+    source, :func:`register_prepared`, apply ``T_b`` (exact for matrices).
+    """
+    hook = getattr(backend, "register_perturbed", None)
+    if hook is not None:
+        return hook(pair, matrices)
+    moved = T.warp_affine(pair.source, matrices, pair.source.shape[2:])
+    return T.apply_affine(matrices, register_prepared(backend, pair, moved))
+
+
+def check_prediction(phi: Tensor, batch: int, target_shape: tuple[int, ...]) -> Tensor:
+    """Validate an adapter's output ``(batch, D, *target_shape)`` against the convention; returns ``phi``.
 
     Raises ``ValueError`` naming what is wrong (batch, channel count, spatial shape, non-finite values),
-    so a broken adapter fails loudly instead of producing silently wrong statistics.
+    so a broken adapter fails loudly instead of producing silently wrong statistics. Finiteness is checked
+    on the sum of all coordinates (one reduction; any NaN or infinity makes it non-finite, and coordinates
+    are far too small for the sum to overflow), then located only when it fails.
     """
-    d = target.dim() - 2
-    expected = (source.shape[0], d, *target.shape[2:])
+    expected = (batch, len(target_shape), *target_shape)
     if tuple(phi.shape) != expected:
         raise ValueError(
             f"backend returned a map of shape {tuple(phi.shape)}; expected {expected} "
             "(batch, one channel per spatial axis, target grid)"
         )
-    if not torch.isfinite(phi).all():
-        raise ValueError("backend returned a map with non-finite coordinates")
+    if not torch.isfinite(phi.sum()):
+        bad = int((~torch.isfinite(phi)).sum())
+        if bad:  # else only the sum overflowed: huge but finite coordinates, left to the field-of-view check
+            raise ValueError(f"backend returned a map with {bad} non-finite coordinates")
     return phi

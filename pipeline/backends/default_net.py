@@ -66,11 +66,7 @@ class DefaultNet(nn.Module):
 
     def integrate(self, v: Tensor, shape) -> Tensor:
         """Half-resolution velocity -> map on the full network grid (voxels)."""
-        u = T.scaling_and_squaring(v, self.steps)
-        # half-resolution voxels -> full-resolution voxels, per axis (corners aligned)
-        factor = [(n - 1) / (h - 1) for n, h in zip(shape, u.shape[2:], strict=True)]
-        u = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)
-        return T.displacement_to_map(u * torch.tensor(factor, dtype=u.dtype, device=u.device).view(1, 3, 1, 1, 1))
+        return T.displacement_to_map(T.resize_displacement(T.scaling_and_squaring(v, self.steps), shape))
 
 
 def load_default(weights: str | Path | None = None, device: str | torch.device = "cpu",

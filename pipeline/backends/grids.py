@@ -8,8 +8,10 @@ of view. Two index correspondences are in use:
 * ``align_corners=False``: the outer edges coincide (``F.interpolate``'s default, and what
   icon_registration's ITK wrapper does for uniGradICON), ``i_net = (i_img + 0.5) * n_net / n_img - 0.5``.
 
-``image_map_from_net`` turns a map on the network grid (network voxel units, target -> source) into
-DESIGN's map on the original target grid in original source voxels: ``phi = M_src^-1 o phi_net o M_tgt``.
+:class:`~equiqc.pipeline.backends.module.ModuleBackend` turns a map on the network grid (network voxel units,
+target -> source) into DESIGN's map on the original target grid in original source voxels,
+``phi = M_src^-1 o phi_net o M_tgt``, by interpolating the network's displacement onto the target grid (the
+same index correspondence as ``resample_to``) and adding the cached network positions ``M_tgt y``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from equiqc.pipeline import transforms as T
 
 Tensor = torch.Tensor
 
@@ -44,13 +44,3 @@ def resample_to(x: Tensor, shape: Sequence[int], align_corners: bool) -> Tensor:
         return x
     mode = "trilinear" if x.dim() == 5 else "bilinear"
     return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=align_corners)
-
-
-def image_map_from_net(phi_net: Tensor, source_shape: Sequence[int], target_shape: Sequence[int],
-                       align_corners: bool) -> Tensor:
-    """Network-grid map (net voxels) -> map on the target grid in source voxels (DESIGN convention)."""
-    net_shape = tuple(phi_net.shape[2:])
-    m_tgt = index_matrix(target_shape, net_shape, align_corners, phi_net.device)
-    m_src = index_matrix(source_shape, net_shape, align_corners, phi_net.device)
-    y_net = T.affine_map(m_tgt, target_shape, phi_net.dtype).expand(phi_net.shape[0], -1, *target_shape)
-    return T.apply_affine(torch.linalg.inv(m_src), T.sample_map(phi_net, y_net))

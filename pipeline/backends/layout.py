@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from equiqc.pipeline import transforms as T
+
 Tensor = torch.Tensor
 _AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
@@ -59,19 +61,33 @@ class InputLayout:
         flipped = [2 + i for i, f in enumerate(self.flips) if f]
         return x.flip(flipped) if flipped else x
 
+    def matrix(self, shape_ras: tuple[int, ...]) -> Tensor:
+        """Homogeneous float64 matrix: RAS+ voxel index of a grid of ``shape_ras`` -> its voxel index in this layout."""
+        d = len(shape_ras)
+        m = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        m[d, d] = 1.0
+        if self.is_identity:
+            return torch.eye(d + 1, dtype=torch.float64)
+        for i, (axis, flip) in enumerate(zip(self.axes, self.flips, strict=True)):
+            m[i, axis] = -1.0 if flip else 1.0
+            m[i, d] = shape_ras[axis] - 1 if flip else 0.0
+        return m
+
+    def grid_to_ras(self, x: Tensor) -> Tensor:
+        """Spatial axes only: a field ``(B, C, *layout_shape)`` on a grid in this layout -> the same field on the
+        RAS+ grid (channels untouched; inverse of :meth:`to_layout`)."""
+        if self.is_identity:
+            return x
+        flipped = [2 + i for i, f in enumerate(self.flips) if f]
+        if flipped:
+            x = x.flip(flipped)
+        inverse = [self.axes.index(d) for d in range(3)]
+        return x.permute(0, 1, *(2 + i for i in inverse))
+
     def map_to_ras(self, phi: Tensor, source_shape_ras: tuple[int, ...]) -> Tensor:
         """A map on the target's layout grid in source layout voxel indices -> equiqc's convention: on the RAS+
         target grid, channel d = the RAS+ source voxel index along axis d."""
         if self.is_identity:
             return phi
-        flipped = [2 + i for i, f in enumerate(self.flips) if f]
-        if flipped:
-            phi = phi.flip(flipped)  # spatial: undo the flips of the target grid
-        inverse = [self.axes.index(d) for d in range(3)]
-        phi = phi.permute(0, 1, *(2 + i for i in inverse))  # spatial: back to RAS+ array order
-        channels = []
-        for d in range(3):  # RAS+ source axis d is layout axis i
-            i = inverse[d]
-            c = phi[:, i]
-            channels.append((source_shape_ras[d] - 1) - c if self.flips[i] else c)
-        return torch.stack(channels, dim=1)
+        to_ras = torch.linalg.inv(self.matrix(source_shape_ras))  # exact: a signed permutation
+        return T.apply_affine(to_ras, self.grid_to_ras(phi))

@@ -19,15 +19,19 @@ only use files and packages you trust (weights alone are loaded with ``torch.loa
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends.base import PreparedPair
 from equiqc.pipeline.backends.conventions import OutputConvention
-from equiqc.pipeline.backends.grids import image_map_from_net, resample_to
+from equiqc.pipeline.backends.grids import index_matrix, resample_to
 from equiqc.pipeline.backends.layout import InputLayout
 
 Tensor = torch.Tensor
@@ -79,6 +83,23 @@ def parse_input_shape(shape: Sequence[int] | str | None) -> tuple[int, ...] | No
     return values
 
 
+@dataclass
+class NetworkPair(PreparedPair):
+    """A pair prepared for a network with an index-space input grid (see :meth:`ModuleBackend.prepare`).
+
+    grid: the network's input shape (its layout's axis order); target_net: the target on it, normalised,
+    ``(1, 1, *grid)``; net_to_source: homogeneous float64 matrix, network voxel -> RAS+ source voxel;
+    target_base: ``(1, D, *target_shape)`` float32, the network-grid position of every RAS+ target voxel;
+    target_layout_shape: the target's shape in the network's layout.
+    """
+
+    grid: tuple[int, ...] = ()
+    target_net: Tensor | None = None
+    net_to_source: Tensor | None = None
+    target_base: Tensor | None = None
+    target_layout_shape: tuple[int, ...] = ()
+
+
 class ModuleBackend:
     """Adapter for a module with a declared output convention (see module docstring)."""
 
@@ -103,6 +124,7 @@ class ModuleBackend:
         self.weights_path = Path(weights_path) if weights_path else None
         self.layout = layout if isinstance(layout, InputLayout) else InputLayout(layout)
         self.stochastic = False
+        self._target_cache: tuple | None = None  # (key, prepared target) of the last pair, see _prepared_target
         if mc_dropout:
             enable_mc_dropout(self.net, name)
             self.stochastic = True
@@ -110,17 +132,70 @@ class ModuleBackend:
     @torch.no_grad()
     def register(self, source: Tensor, target: Tensor, source_affine: Tensor | None = None,
                  target_affine: Tensor | None = None) -> Tensor:
-        source_shape = tuple(source.shape[2:])
-        source, target = self.layout.to_layout(source), self.layout.to_layout(target)  # RAS+ -> network layout
-        grid = self.input_shape or tuple(target.shape[2:])
-        src = resample_to(self.intensity(source[:, :1].float()), grid, self.align_corners)
-        tgt = resample_to(self.intensity(target[:, :1].float()), grid, self.align_corners)
-        out = self.net(src, tgt)
+        return self.register_prepared(self.prepare(source[:1], target[:1], source_affine, target_affine), source)
+
+    @torch.no_grad()
+    def prepare(self, source: Tensor, target: Tensor, source_affine: Tensor | None = None,
+                target_affine: Tensor | None = None) -> NetworkPair:
+        """The target resampled onto the network grid and normalised, and the index matrices, once per pair."""
+        d = source.dim() - 2
+        src_shape = tuple(source.shape[2:])
+        grid, target_net, target_base = self._prepared_target(target[:1, :1].float())
+        # image (RAS+ voxel) -> network voxel: the layout's signed permutation, then the index scaling
+        src_to_net = (index_matrix(self._layout_shape(src_shape), grid, self.align_corners)
+                      @ self.layout.matrix(src_shape))
+        return NetworkPair(
+            source=source[:1], target=target[:1], source_affine=T.as_matrix(source_affine, d, device=source.device),
+            target_affine=T.as_matrix(target_affine, d, device=source.device), grid=grid, target_net=target_net,
+            net_to_source=torch.linalg.inv(src_to_net).to(source.device), target_base=target_base,
+            target_layout_shape=self._layout_shape(tuple(target.shape[2:])))
+
+    def _prepared_target(self, target: Tensor) -> tuple[tuple[int, ...], Tensor, Tensor]:
+        """The network grid, the target on it (normalised) and the network position of every target voxel.
+
+        Cohorts often register every subject to one template: the last target's preparation is kept, keyed by
+        its shape, device and a hash of its voxels (blake2b, a few ms for a 2 mm volume), and reused.
+        """
+        key = (tuple(target.shape), str(target.device),
+               hashlib.blake2b(target.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest())
+        if self._target_cache is not None and self._target_cache[0] == key:
+            return self._target_cache[1]
+        tgt_shape = tuple(target.shape[2:])
+        tgt_layout = self.layout.to_layout(target)
+        grid = self.input_shape or tuple(tgt_layout.shape[2:])
+        tgt_to_net = index_matrix(tgt_layout.shape[2:], grid, self.align_corners) @ self.layout.matrix(tgt_shape)
+        prepared = (grid, self.intensity(resample_to(tgt_layout, grid, self.align_corners)),
+                    T.affine_map(tgt_to_net.to(target.device), tgt_shape))
+        self._target_cache = (key, prepared)
+        return prepared
+
+    @torch.no_grad()
+    def register_prepared(self, pair: NetworkPair, sources: Tensor) -> Tensor:
+        """Maps for a batch of sources ``(B, C, *source_shape)`` (RAS+) of the prepared pair."""
+        x = resample_to(self.layout.to_layout(sources[:, :1].float()), pair.grid, self.align_corners)
+        return self._predict(pair, x, pair.net_to_source)
+
+    @torch.no_grad()
+    def register_perturbed(self, pair: NetworkPair, matrices: Tensor) -> Tensor:
+        """``T_b o R(A o T_b, B)``: the source sampled once at ``T_b`` of the network grid's image positions, and
+        ``T_b`` applied in the same matrix as the network-to-image index change on the way back."""
+        outer = matrices.to(pair.net_to_source) @ pair.net_to_source  # network voxel -> perturbed source voxel
+        x = T.warp_affine(pair.source[:, :1].float(), outer, pair.grid)
+        return self._predict(pair, x, outer)
+
+    def _predict(self, pair: NetworkPair, x: Tensor, outer: Tensor) -> Tensor:
+        """Run the network on sources ``x`` on its grid (raw intensities) and return ``outer o phi_net o S_tgt``:
+        the displacement is interpolated onto the target grid and added to the cached base grid."""
+        x = self.intensity(x)
+        out = self.net(x, pair.target_net.expand(x.shape[0], *pair.target_net.shape[1:]))
         if isinstance(out, (tuple, list)):
             out = out[self.output_index]
-        phi_net = self.convention.to_voxel_map(out.float())
-        phi = image_map_from_net(phi_net, source.shape[2:], target.shape[2:], self.align_corners)
-        return self.layout.map_to_ras(phi, source_shape)
+        u = T.map_to_displacement(self.convention.to_voxel_map(out.float()))  # network voxels
+        u = self.layout.grid_to_ras(resample_to(u, pair.target_layout_shape, self.align_corners))
+        return T.apply_affine(outer, u.add_(pair.target_base))
+
+    def _layout_shape(self, shape_ras: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape_ras[a] for a in self.layout.axes) if len(shape_ras) == 3 else shape_ras
 
 
 def load_torchscript(path: str | Path, **kwargs) -> ModuleBackend:
