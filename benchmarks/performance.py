@@ -14,6 +14,8 @@ Parts (``--parts``, comma-separated):
 * ``naive``: a researcher's script with equal outputs (std, valid count and the prediction, as NIfTI, per
   pair): sequential, model loaded per pair, one perturbation per forward, all samples kept, ``np.var``;
   against ``equiqc run`` (both cores) on the same pairs.
+* ``diffeomorphic``: that family's own cost per sample (building, warping, composing back) over the network's
+  forward, one thread.
 * ``memory``, ``mc``: worker peak RSS at K = 8 and 32; equivariance vs MC-dropout at equal K.
 
 Prints JSON lines; writes ``results.json`` (with the hardware it ran on) into ``--out``.
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -182,7 +185,9 @@ def naive(specs, cfg: EstimatorConfig, out: Path) -> tuple[float, dict]:
                 samples.append(T.voxel_to_mm(psi.double(), a_s)[0].numpy())
         arr, ok = np.stack(samples), np.stack(valid)
         arr[~np.broadcast_to(ok[:, None], arr.shape)] = np.nan
-        std = np.sqrt(np.nanvar(arr, axis=0, ddof=1).sum(0))
+        with warnings.catch_warnings():  # voxels with fewer than two valid samples are NaN, as in equiqc
+            warnings.simplefilter("ignore", RuntimeWarning)
+            std = np.sqrt(np.nanvar(arr, axis=0, ddof=1).sum(0))
         for name, data in (("std", std.astype(np.float32)), ("nvalid", ok.sum(0).astype(np.uint16)),
                            ("prediction", T.map_to_displacement(prediction)[0].permute(1, 2, 3, 0).numpy())):
             nib.save(nib.Nifti1Image(data, tgt_img.affine), str(out / f"{spec.pair_id}_{name}.nii.gz"))
@@ -218,7 +223,7 @@ def main() -> None:
     p.add_argument("--perturbation", default="rigid")
     p.add_argument("--work", default=None, help="scratch folder for the cohorts (default: a new temp folder)")
     p.add_argument("--out", default="docs/performance")
-    p.add_argument("--parts", default="overhead,production,naive,memory,mc")
+    p.add_argument("--parts", default="overhead,production,naive,memory,diffeomorphic,mc")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     work = Path(args.work or tempfile.mkdtemp(prefix="equiqc-perf-"))
@@ -244,6 +249,7 @@ def main() -> None:
         res["production"] = production(cohort, specs, work, run_cfg, best)
         print(json.dumps({"production": res["production"]}), flush=True)
     if "naive" in parts:
+        torch.set_num_threads(os.cpu_count() or 1)  # a script uses torch's default: every core
         naive_s, naive_maps = naive(specs, cfg, work / "naive")
         run_dir = work / "naive-pipeline"
         cluster = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, host="127.0.0.1",
@@ -274,6 +280,21 @@ def main() -> None:
             mem[k] = json.loads(o.stdout.strip().splitlines()[-1])
         res["memory"] = {f"K{k}": {"peak_rss_MB": round(peak / 1e6, 1)} for k, (_, peak) in mem.items()}
         print(json.dumps({"memory": res["memory"]}), flush=True)
+    if "diffeomorphic" in parts:  # the perturbation's own cost per sample, against the network's forward
+        torch.set_num_threads(1)
+        v = read_pair(store, specs[0].pair_id)
+        dcfg = EstimatorConfig(samples=args.samples, batch_size=1, perturbation=PerturbationConfig("diffeomorphic"),
+                               covariance=False)
+        rows = []
+        for _ in range(args.repeats):
+            net = network_alone(model, [1] * (args.samples + 1)) / (args.samples + 1)
+            r = estimate_uncertainty(model, v["source"].data, v["target"].data, v["source"].affine,
+                                     v["target"].affine, dcfg, seed=1)
+            own = (r.timings_s.get("perturb", 0.0) + r.timings_s.get("compose", 0.0)) / (args.samples + 1)
+            rows.append({"network_s_per_sample": round(net, 3), "perturb_and_compose_s_per_sample": round(own, 3),
+                         "ratio": round(own / net, 3)})
+        res["diffeomorphic"] = {"runs": rows, "ratio_median": statistics.median(r["ratio"] for r in rows)}
+        print(json.dumps({"diffeomorphic": res["diffeomorphic"]}), flush=True)
     if "mc" in parts:
         torch.set_num_threads(1)
         v = read_pair(store, specs[0].pair_id)
