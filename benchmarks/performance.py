@@ -185,7 +185,7 @@ def naive(specs, cfg: EstimatorConfig, out: Path) -> tuple[float, dict]:
                 samples.append(T.voxel_to_mm(psi.double(), a_s)[0].numpy())
         arr, ok = np.stack(samples), np.stack(valid)
         arr[~np.broadcast_to(ok[:, None], arr.shape)] = np.nan
-        with warnings.catch_warnings():  # voxels with fewer than two valid samples are NaN, as in equiqc
+        with warnings.catch_warnings():  # voxels with fewer than two valid samples are NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             std = np.sqrt(np.nanvar(arr, axis=0, ddof=1).sum(0))
         for name, data in (("std", std.astype(np.float32)), ("nvalid", ok.sum(0).astype(np.uint16)),

@@ -17,11 +17,17 @@ intrinsic spread (within-perturbation) and the bias jitter (between-perturbation
 
 Field of view: a sample is invalid at a voxel where ``psi_k`` falls outside the source grid, and, for the
 diffeomorphic family (where ``tau`` is only known on the grid), where ``phi'_k`` does. ``n_valid`` counts
-the valid samples per voxel; statistics use those only, and are NaN where fewer than two are valid.
+the valid samples per voxel; statistics use those only, and are NaN where fewer than
+:func:`min_valid_samples` are valid (a quarter of the samples, at least 3).
+
+The prediction (``prediction_map``) is the backend's unperturbed registration; for a stochastic backend it is
+computed with its randomness off (:func:`~equiqc.pipeline.backends.base.deterministic`, dropout off), the
+registration a user would apply, not one random draw.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -68,6 +74,18 @@ class EstimatorConfig:
             raise ValueError("at least two samples are needed to estimate a spread")
 
 
+# A voxel's spread is reported only where at least this fraction of the samples (and never fewer than
+# MIN_VALID_SAMPLES) stayed in the field of view: a std from 2 of 16 samples is mostly noise.
+MIN_VALID_FRACTION = 0.25
+MIN_VALID_SAMPLES = 3
+
+
+def min_valid_samples(n_samples: int) -> int:
+    """Valid samples a voxel needs for ``std_mm`` (and the covariances) to be reported: ``max(3, ceil(n / 4))``,
+    at most ``n_samples`` (so a run of 2 samples still reports where both are valid)."""
+    return min(n_samples, max(MIN_VALID_SAMPLES, math.ceil(MIN_VALID_FRACTION * n_samples)))
+
+
 # Measured with benchmarks/performance.py (default model, one thread, 2 mm MNI pair): on a CPU a batch of 1
 # is the fastest per sample (a batch of 4 was 1.3x slower per sample for the network alone).
 CPU_BATCH_SIZE = 1
@@ -92,7 +110,7 @@ def mc_dropout_config(samples: int = 16, batch_size: int | None = None) -> Estim
 class UncertaintyResult:
     """Per-voxel statistics on the target grid (spatial axes in array order).
 
-    std_mm: ``sqrt(trace(Cov[psi]))`` in mm, ``(*target)``; NaN where ``n_valid < 2``.
+    std_mm: ``sqrt(trace(Cov[psi]))`` in mm, ``(*target)``; NaN where ``n_valid < min_valid_samples(n_samples)``.
     covariance_mm2: symmetric covariance components (mm^2), ``(n_comp, *target)``, order ``components``
         (source world axes); ``None`` when the estimate was asked for the spread only.
     mean_map: mean composed map ``E[psi]`` in source voxel units, ``(D, *target)``, NaN where no sample
@@ -216,7 +234,7 @@ def estimate_uncertainty(
     full = config.covariance or split
     comps = M.components(d) if full else tuple(M.trace_weights(linear))
     stats = M.StreamingMoments(d, tgt_shape, device, comps=comps)
-    prediction: Tensor | None = None
+    prediction: Tensor | None = None  # the unperturbed registration
     timer = _Timer(device)
     t_start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
@@ -228,7 +246,12 @@ def estimate_uncertainty(
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         pair = B.prepare(backend, src, tgt, a_src, a_tgt)
-        timer.lap("prepare", t0)
+        t0 = timer.lap("prepare", t0)
+        if backend.stochastic:  # the prediction a user applies: randomness off, outside the samples
+            with B.deterministic(backend):
+                prediction = _predict(backend, pair, pert, [_Group(identity, 1, False)], timer, src_shape,
+                                      tgt_shape)[2]
+            pending = [g for g in pending if g.counted]
         while pending:
             batch = _take(pending, capacity)
             try:
@@ -254,6 +277,7 @@ def estimate_uncertainty(
             del psi, valid
 
         t0 = time.perf_counter()
+        reported = stats.count >= min_valid_samples(n_samples)
         cov_vox = stats.covariance("total")
         if full:
             cov = M.transform(cov_vox, comps, linear)
@@ -262,6 +286,9 @@ def estimate_uncertainty(
             cov = None
             trace = sum(w * cov_vox[k] for k, w in enumerate(M.trace_weights(linear).values()))
             std = torch.sqrt(trace.clamp_min(0))
+        std = torch.where(reported, std, float("nan"))
+        if cov is not None:
+            cov = torch.where(reported, cov, float("nan"))
         mean_vox = stats.mean_value()
         mean_vox = torch.where(stats.count > 0, mean_vox, torch.full_like(mean_vox, float("nan")))
         result = UncertaintyResult(
@@ -272,16 +299,19 @@ def estimate_uncertainty(
             prediction_map=prediction.float().cpu().numpy(),
             n_valid=stats.count.round().to(torch.int32).cpu().numpy(),
             n_samples=n_samples,
-            intrinsic_spread_mm2=(M.transform(stats.covariance("within"), comps, linear).float().cpu().numpy()
-                                  if split else None),
-            bias_jitter_mm2=(M.transform(stats.covariance("between"), comps, linear).float().cpu().numpy()
-                             if split else None),
+            intrinsic_spread_mm2=_split_term(stats, "within", comps, linear, reported) if split else None,
+            bias_jitter_mm2=_split_term(stats, "between", comps, linear, reported) if split else None,
         )
         timer.lap("statistics", t0)
     timer.lap("total", t_start)
     result.timings_s = timer.times
     result.batch_size = capacity
     return result
+
+
+def _split_term(stats: M.StreamingMoments, which: str, comps, linear: Tensor, reported: Tensor) -> np.ndarray:
+    term = torch.where(reported, M.transform(stats.covariance(which), comps, linear), float("nan"))
+    return term.float().cpu().numpy()
 
 
 def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Timer, src_shape, tgt_shape):

@@ -11,8 +11,9 @@ History: 1 = the estimator as of the first cohort runs (float32 centred sums mer
 positions of the package's own warp (align_corners=False).
 3 = one interpolation per sample (affine perturbations folded into the adapter's resampling), images
 normalised after resampling onto the network grid (as in training), maps brought back by interpolating the
-displacement, float32 sums in voxel units; the diffeomorphic family integrated on a coarse grid. The batch
-size left the result key (it does not change the numbers).
+displacement, float32 sums in voxel units; the diffeomorphic family integrated on a coarse grid; std reported
+only where a quarter of the samples (at least 3) are valid; a stochastic model's prediction is its dropout-off
+forward. The batch size left the result key (it changes only float rounding).
 """
 
 NUMERICS_VERSION = 3

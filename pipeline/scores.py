@@ -68,7 +68,7 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
     unperturbed prediction, the registration a user uses) and ``tta_error_mean_mm`` (of the mean map).
     """
-    valid = result.n_valid >= 2
+    valid = np.isfinite(result.std_mm)  # where the estimator reported a spread (enough valid samples)
     region = valid if region is None else (region.astype(bool) & valid)
     std = result.std_mm[region].astype(np.float64)
     out: dict = {"n_region_voxels": int(region.sum())}

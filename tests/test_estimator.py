@@ -295,3 +295,42 @@ def test_out_of_memory_halves_an_automatic_batch_and_remembers_it(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):  # an explicit batch size is the user's choice: no halving
         estimate_uncertainty(OutOfMemoryAbove(ExactSolver(), 3), source, target, SOURCE_AFFINE, TARGET_AFFINE,
                              EstimatorConfig(samples=10, batch_size=4, perturbation=cfg.perturbation), seed=2)
+
+
+# ------------------------------------------------------------------------ prediction and validity
+
+
+def test_std_is_reported_only_where_a_quarter_of_the_samples_are_valid():
+    from equiqc.pipeline.estimator import min_valid_samples
+
+    assert [min_valid_samples(n) for n in (2, 3, 4, 16, 50)] == [2, 3, 3, 4, 13]
+    source, target, _ = pair()
+    # a model that follows large translations (error = the translation) maps many samples outside the source
+    cfg = EstimatorConfig(samples=16, perturbation=PerturbationConfig(kind="translation", max_translation_mm=20.0))
+    model = NoisySolver(None, SOURCE_AFFINE, bias_per_translation=1.0)
+    res = estimate_uncertainty(model, source, target, SOURCE_AFFINE, TARGET_AFFINE, cfg, seed=3)
+    few = (res.n_valid >= 2) & (res.n_valid < 4)
+    assert few.any() and (res.n_valid >= 4).any()
+    assert np.isnan(res.std_mm[res.n_valid < 4]).all() and np.isnan(res.covariance_mm2[:, res.n_valid < 4]).all()
+    assert np.isfinite(res.std_mm[res.n_valid >= 4]).all()
+
+
+def test_a_stochastic_backend_stores_its_deterministic_prediction():
+    from equiqc.pipeline.backends.module import ModuleBackend
+    from equiqc.pipeline.estimator import mc_dropout_config
+
+    class DropoutNet(torch.nn.Module):  # zero displacement plus dropout noise
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, source, target):
+            return self.drop(torch.ones(source.shape[0], 3, *target.shape[2:])) - 1
+
+    src, tgt = torch.rand(1, 1, 10, 9, 8), torch.rand(1, 1, 10, 9, 8)
+    plain = ModuleBackend(DropoutNet(), "drop", "displacement/voxel/ij", intensity="none")
+    mc = ModuleBackend(DropoutNet(), "drop", "displacement/voxel/ij", intensity="none", mc_dropout=True)
+    res = estimate_uncertainty(mc, src, tgt, config=mc_dropout_config(6))
+    np.testing.assert_allclose(res.prediction_map, plain.register(src, tgt)[0].numpy(), atol=1e-5)
+    assert np.nanmean(res.std_mm) > 0.1  # the samples themselves are random draws
+    assert mc.stochastic and any(m.training for m in mc.net.modules())  # dropout back on after the prediction

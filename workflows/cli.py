@@ -251,7 +251,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     backend = load_backend(config.model, weights=config.weights, **config.model_options)
     result = estimate_uncertainty(backend, source.data, target.data, source.affine, target.affine,
                                   config.estimator_config(), seed=config.seed)
-    print(f"mean std_mm: {np.nanmean(result.std_mm):.4f} mm over {int((result.n_valid >= 2).sum())} voxels")
+    print(f"mean std_mm: {np.nanmean(result.std_mm):.4f} mm over {int(np.isfinite(result.std_mm).sum())} voxels")
     if args.out:
         save_on_original_grid(args.out, result.std_mm, target)
         print(f"std_mm map (mm, on the target file's own grid and header): {args.out}")

@@ -19,11 +19,15 @@ functions below fall back to ``register`` for an adapter without them:
   ``register_prepared(pair, sources)`` for a batch of (perturbed) sources of that pair;
 * ``register_perturbed(pair, matrices)``: for affine perturbations ``T_b``, the composed-back maps
   ``T_b o R(A o T_b, B)`` in one go, so the source is interpolated once, straight onto the network grid, and
-  ``T_b`` is folded into the adapter's own map back.
+  ``T_b`` is folded into the adapter's own map back;
+* ``deterministic()``: a context manager in which a stochastic adapter predicts without its randomness
+  (dropout off), for the prediction a user would apply. Without it that prediction is one random draw.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -108,6 +112,14 @@ def register_perturbed(backend: RegistrationBackend, pair: PreparedPair, matrice
         return hook(pair, matrices)
     moved = T.warp_affine(pair.source, matrices, pair.source.shape[2:])
     return T.apply_affine(matrices, register_prepared(backend, pair, moved))
+
+
+@contextlib.contextmanager
+def deterministic(backend: RegistrationBackend) -> Iterator[None]:
+    """Run the block with the backend's randomness off (its ``deterministic`` hook), else unchanged."""
+    hook = getattr(backend, "deterministic", None)
+    with hook() if hook is not None else contextlib.nullcontext():
+        yield
 
 
 def check_prediction(phi: Tensor, batch: int, target_shape: tuple[int, ...]) -> Tensor:

@@ -19,9 +19,10 @@ only use files and packages you trust (weights alone are loaded with ``torch.loa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,18 @@ class ModuleBackend:
         if mc_dropout:
             enable_mc_dropout(self.net, name)
             self.stochastic = True
+
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Dropout off inside the block (the network's plain forward), back on after it when MC-dropout is on."""
+        dropout = [m for m in self.net.modules() if m.training]
+        for m in dropout:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m in dropout:
+                m.train()
 
     @torch.no_grad()
     def register(self, source: Tensor, target: Tensor, source_affine: Tensor | None = None,
