@@ -240,7 +240,8 @@ def estimate_uncertainty(
     devices = [device] if device.type == "cuda" else []
     auto = config.batch_size is None
     cache_key = (id(backend), str(device), src_shape, tgt_shape, config.draws)
-    capacity = max(config.batch_size or _GPU_BATCH.get(cache_key, default_batch_size(device, len(pending))),
+    forwards = sum(g.draws for g in pending)
+    capacity = max(config.batch_size or _GPU_BATCH.get(cache_key, default_batch_size(device, forwards)),
                    config.draws)
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -256,7 +257,7 @@ def estimate_uncertainty(
             batch = _take(pending, capacity)
             try:
                 psi, valid, phi_identity = _predict(backend, pair, pert, batch, timer, src_shape, tgt_shape)
-            except torch.cuda.OutOfMemoryError:
+            except torch.OutOfMemoryError:
                 if not auto or capacity <= config.draws:
                     raise
                 torch.cuda.empty_cache()
