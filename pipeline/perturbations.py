@@ -12,7 +12,9 @@ Families (``PerturbationConfig.kind``):
   ``[-max_shear, +]``.
 * ``diffeomorphic``: ``exp(v)`` of a smooth stationary velocity field, drawn as Gaussian noise on a coarse
   control grid (``control_spacing_mm``), smoothed, scaled so the per-component standard deviation is
-  ``velocity_std_mm``, upsampled linearly to the source grid and integrated by scaling and squaring.
+  ``velocity_std_mm``, upsampled linearly to an integration grid (:func:`integration_grid`, 4 intervals per
+  control interval), integrated there by scaling and squaring, and the displacement upsampled linearly to the
+  source grid.
 
 Defaults are small enough that a registration model sees inputs close to its training distribution
 (a few mm, a few degrees), which is what the equivariance argument needs: the spread should reflect the
