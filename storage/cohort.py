@@ -1,4 +1,13 @@
-"""NIfTI -> chunked Zarr ingest of a cohort: ``cohort.zarr/pairs/<pair_id>/{source,target,...}``.
+"""NIfTI -> chunked Zarr ingest of a cohort: ``cohort.zarr/volumes/<content key>`` and ``cohort.zarr/pairs/<pair_id>``.
+
+Input volumes are content-addressed: a file is stored once under ``volumes/<sha256 of its bytes>-<dtype>``,
+however many pairs use it (a subject-to-atlas cohort stores the atlas, its mask and labels once, not once
+per pair), and each pair group maps its roles to those keys (attribute ``volumes``). Only the ground-truth
+map, which depends on both grids of its pair, is stored in the pair group itself. A shared volume is written
+under a temporary name and renamed into place, so pairs ingested side by side by several workers never see
+half of one (the loser of a race discards its copy). File hashes are cached per process by (path, size,
+modification time), so a shared file is hashed once per worker, not once per pair. Stores written before
+(every volume in its pair group) are still read.
 
 Each volume is reoriented to closest-canonical RAS+ (:mod:`equiqc.storage.nifti`) and stored as a Zarr v3 array
 with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``original_shape``,
@@ -20,6 +29,9 @@ with ``status="failed"`` and its ``error``; other pairs are unaffected.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +43,7 @@ from equiqc.storage.manifest import PairSpec
 from equiqc.storage.nifti import Volume, VolumeError, load_volume
 
 CHUNK = 64
+VOLUMES = "volumes"  # content-addressed input volumes, shared by the pairs that use the same file
 ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
                "source_labels": np.int32, "target_labels": np.int32}
 GRID_OF = {"source_mask": "source", "source_labels": "source", "target_mask": "target",
@@ -47,18 +60,33 @@ class IngestOutcome:
     input_hash: str | None = None
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256, this process
+
+
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes; cached per process while the file's size and modification time stay the same."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def volume_key(sha256: str, dtype) -> str:
+    """The name of a content-addressed volume: the file's sha256 and the dtype it is stored as (an image file
+    used as a mask is another volume)."""
+    return f"{sha256}-{np.dtype(dtype).name}"
 
 
 def open_cohort(store: str | Path) -> zarr.Group:
-    """Open (creating if needed) a cohort store with its ``pairs`` group."""
+    """Open (creating if needed) a cohort store with its ``pairs`` and ``volumes`` groups."""
     root = zarr.open_group(str(store), mode="a", zarr_format=3)
     root.require_group("pairs")
+    root.require_group(VOLUMES)
     return root
 
 
@@ -150,8 +178,10 @@ def input_hashes(spec: PairSpec) -> tuple[dict[str, str], str]:
 
 
 def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
-    """Ingest one pair into ``store`` (idempotent); never raises for a bad input file."""
-    pairs = open_cohort(store)["pairs"]
+    """Ingest one pair into ``store`` (idempotent); never raises for a bad input file. Pairs may be ingested side by
+    side once the store exists (:func:`open_cohort`, which a run calls before its workers start)."""
+    root = open_cohort(store)
+    pairs = root["pairs"]
     try:
         hashes, input_hash = input_hashes(spec)
     except OSError as exc:
@@ -167,21 +197,45 @@ def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None
     except VolumeError as exc:
         return _record_failure(pairs, spec, str(exc), input_hash)
     group = pairs.create_group(spec.pair_id, overwrite=True)
+    shared = {}
     for role, (data, vol) in loaded.items():
-        chunks = tuple(min(CHUNK, n) for n in data.shape[-3:])
-        if data.ndim == 4:
-            chunks = (data.shape[0], *chunks)
-        arr = group.create_array(role, shape=data.shape, dtype=data.dtype, chunks=chunks)
-        arr[...] = data
-        arr.attrs.update({
-            "affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
-            "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
-            "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
-            "header": vol.header,
-        })
+        attrs = {"affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
+                 "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
+                 "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
+                 "header": vol.header}
+        if role == "ground_truth":  # depends on both grids of this pair: not shared
+            _write_array(group, role, data, attrs)
+        else:
+            shared[role] = volume_key(hashes[role], data.dtype)
+            _store_shared(store, root[VOLUMES], shared[role], data, attrs)
     group.attrs.update({"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
-                        "roles": sorted(loaded)})
+                        "roles": sorted(loaded), "volumes": shared,
+                        "paths": {role: str(spec.path(role)) for role in loaded}})
     return IngestOutcome(spec.pair_id, "ingested", None, input_hash)
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
+    chunks = tuple(min(CHUNK, n) for n in data.shape[-3:])
+    if data.ndim == 4:
+        chunks = (data.shape[0], *chunks)
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+    arr[...] = data
+    arr.attrs.update(attrs)
+
+
+def _store_shared(store: str | Path, volumes: zarr.Group, key: str, data: np.ndarray, attrs: dict) -> None:
+    """Write ``volumes/<key>`` once: into a temporary array, renamed into place (a race's loser discards its copy)."""
+    if key in volumes:
+        return
+    tmp = f".tmp-{uuid.uuid4().hex}"
+    _write_array(volumes, tmp, data, attrs)
+    folder = Path(store) / VOLUMES
+    try:
+        os.rename(folder / tmp, folder / key)
+    except OSError:  # another worker stored the same content first
+        shutil.rmtree(folder / tmp, ignore_errors=True)
+        if not (folder / key / "zarr.json").exists():
+            raise
 
 
 def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: str | None) -> IngestOutcome:
@@ -205,11 +259,18 @@ def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = N
     group = zarr.open_group(str(store), mode="r")["pairs"][pair_id]
     if group.attrs.get("status") != "ok":
         raise VolumeError(f"pair {pair_id}: not ingested ({group.attrs.get('error')})")
-    names = [r for r in (roles or group.attrs["roles"]) if r in group]
+    shared = dict(group.attrs.get("volumes", {}))
     out = {}
-    for role in names:
-        arr = group[role]
+    for role in roles or group.attrs["roles"]:
+        if role in shared:
+            arr = zarr.open_array(str(Path(store) / VOLUMES / shared[role]), mode="r")
+        elif role in group:  # the ground truth, and every role of stores written before content addressing
+            arr = group[role]
+        else:
+            continue
         attrs = dict(arr.attrs)
+        if role in group.attrs.get("paths", {}):
+            attrs["path"] = group.attrs["paths"][role]  # this pair's file (a shared volume keeps the first's)
         out[role] = StoredVolume(arr[...], np.asarray(attrs["affine"]), attrs)
     return out
 

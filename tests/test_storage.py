@@ -17,7 +17,7 @@ import zarr
 from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.moments import components
 from equiqc.storage import results as R
-from equiqc.storage.cohort import ingest_pair, pair_status, read_pair
+from equiqc.storage.cohort import ingest_pair, open_cohort, pair_status, read_pair
 from equiqc.storage.export import export_array
 from equiqc.storage.manifest import ManifestError, derive_pair_id, read_manifest
 from equiqc.storage.report import SCHEMA, write_report
@@ -179,8 +179,9 @@ def test_reingest_is_skipped_when_unchanged_and_replaces_a_changed_pair(tmp_path
     spec = read_manifest(make_manifest(tmp_path, [["s1", "src.nii.gz", "tgt.nii.gz"]]))[0]
     store, res = tmp_path / "cohort.zarr", tmp_path / "results.zarr"
     first = ingest_pair(spec, store)
-    chunk_files = sorted((store / "pairs" / spec.pair_id / "source").rglob("*"))
+    chunk_files = sorted((store / "volumes").rglob("*"))
     mtimes = [f.stat().st_mtime_ns for f in chunk_files]
+    assert len(chunk_files) > 4
     assert ingest_pair(spec, store).status == "unchanged"
     assert [f.stat().st_mtime_ns for f in chunk_files] == mtimes
     R.write_result(res, spec.pair_id, fake_result(SHAPE), np.eye(4), {"k": 1}, input_hash=first.input_hash)
@@ -189,6 +190,47 @@ def test_reingest_is_skipped_when_unchanged_and_replaces_a_changed_pair(tmp_path
     second = ingest_pair(spec, store)
     assert second.status == "ingested" and second.input_hash != first.input_hash
     assert R.status(res, spec.pair_id, {"k": 1}, second.input_hash) == "stale"
+
+
+def test_a_shared_atlas_is_stored_once_and_every_pair_reads_it(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    atlas = RNG.normal(size=SHAPE).astype(np.float32)
+    write_nii(tmp_path / "atlas.nii.gz", atlas)
+    write_nii(tmp_path / "atlas_mask.nii.gz", (atlas > 0).astype(np.uint8))
+    rows = []
+    for i in range(6):
+        write_nii(tmp_path / f"s{i}.nii.gz", RNG.normal(size=SHAPE).astype(np.float32))
+        rows.append([f"s{i}", f"s{i}.nii.gz", "atlas.nii.gz", "atlas_mask.nii.gz"])
+    specs = read_manifest(make_manifest(tmp_path, rows, header="subject_id,source,target,target_mask"))
+    store = tmp_path / "cohort.zarr"
+    open_cohort(store)  # as a run does before its workers start
+    with ThreadPoolExecutor(6) as pool:  # side by side, as workers ingest: one copy of the atlas survives
+        outcomes = list(pool.map(lambda s: ingest_pair(s, store), specs))
+    assert {o.status for o in outcomes} == {"ingested"}
+    volumes = sorted(p.name for p in (store / "volumes").iterdir() if p.is_dir())
+    assert len(volumes) == 6 + 2 and not [v for v in volumes if v.startswith(".tmp")]  # 6 subjects, atlas, mask
+    for spec in specs:
+        got = read_pair(store, spec.pair_id)
+        np.testing.assert_array_equal(got["target"].data, atlas)
+        assert got["source"].attrs["path"] == str(spec.source)
+        assert set(got) == {"source", "target", "target_mask"}
+        assert not any((store / "pairs" / spec.pair_id).glob("source"))  # no per-pair copy
+    volume_bytes = sum(f.stat().st_size for f in (store / "volumes").rglob("*") if f.is_file())
+    one = sum(f.stat().st_size for f in (store / "volumes" / volumes[0]).rglob("*") if f.is_file())
+    assert volume_bytes < 9 * one  # about one input volume per pair (+ the atlas and its mask once)
+
+
+def test_a_store_written_before_content_addressing_is_still_read(tmp_path):
+    store = tmp_path / "cohort.zarr"
+    group = zarr.open_group(str(store), mode="w", zarr_format=3).require_group("pairs").create_group("old")
+    for role in ("source", "target"):
+        arr = group.create_array(role, shape=SHAPE, dtype=np.float32)
+        arr[...] = np.full(SHAPE, 2.0 if role == "source" else 3.0, np.float32)
+        arr.attrs.update({"affine": np.eye(4).tolist()})
+    group.attrs.update({"status": "ok", "roles": ["source", "target"]})
+    got = read_pair(store, "old")
+    assert got["source"].data[0, 0, 0] == 2.0 and got["target"].data[0, 0, 0] == 3.0
 
 
 def bad_inputs(tmp_path):
