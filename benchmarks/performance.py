@@ -78,7 +78,7 @@ def network_alone(model, sizes: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def best_batch(model, n: int) -> tuple[int, dict]:
+def best_batch(model) -> tuple[int, dict]:
     """The network's fastest batch size per sample on this device (of 1, 2, 4), and the seconds per sample."""
     per_sample = {}
     network_alone(model, [1])  # warm-up
@@ -101,13 +101,14 @@ def pipeline_pair(model, store: Path, results: Path, pair_id: str, cfg: Estimato
                            source=v["source"].data, target=v["target"].data)
     R.write_result(results, pair_id, res, v["target"].affine, {"k": cfg.samples}, None,
                    extra={"summary": {k: x for k, x in summary.items() if np.isfinite(x)}}, overwrite=True)
-    return time.perf_counter() - t0, {"read+summary+write": 0.0, **res.timings_s}
+    total = time.perf_counter() - t0
+    return total, {**res.timings_s, "read+summary+write": total - res.timings_s["total"]}
 
 
 def overhead(specs, store: Path, results: Path, cfg: EstimatorConfig, model, repeats: int) -> dict:
     torch.set_num_threads(1)
     n = cfg.samples + 1
-    best, per_sample = best_batch(model, n)
+    best, per_sample = best_batch(model)
     ratios_net, ratios_reg, rows = [], [], []
     for spec in specs:
         v = read_pair(store, spec.pair_id)
@@ -121,7 +122,6 @@ def overhead(specs, store: Path, results: Path, cfg: EstimatorConfig, model, rep
                 model.register(src, tgt, a_s, a_t)
             reg = time.perf_counter() - t0
             total, stages = pipeline_pair(model, store, results, spec.pair_id, cfg)
-            stages["read+summary+write"] = total - stages["total"]
             ratios_net.append(total / net)
             ratios_reg.append(total / reg)
             rows.append({"pair": spec.pair_id, "network_s": round(net, 2), "register_s": round(reg, 2),
@@ -245,7 +245,7 @@ def main() -> None:
         print(json.dumps({"overhead": {k: v for k, v in res["overhead"].items() if k != "runs"}}), flush=True)
     run_cfg = RunConfig(samples=args.samples, batch_size=args.batch_size, perturbation=args.perturbation)
     if "production" in parts:
-        best = res.get("overhead", {}).get("network_best_batch") or best_batch(model, args.samples + 1)[0]
+        best = res.get("overhead", {}).get("network_best_batch") or best_batch(model)[0]
         res["production"] = production(cohort, specs, work, run_cfg, best)
         print(json.dumps({"production": res["production"]}), flush=True)
     if "naive" in parts:

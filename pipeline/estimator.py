@@ -232,7 +232,8 @@ def estimate_uncertainty(
     linear = a_src[:d, :d].cpu()  # source voxel units -> mm
     split = config.draws > 1
     full = config.covariance or split
-    comps = M.components(d) if full else tuple(M.trace_weights(linear))
+    weights = M.trace_weights(linear)  # trace(Cov_mm) from the voxel-unit components (spread-only mode)
+    comps = M.components(d) if full else tuple(weights)
     stats = M.StreamingMoments(d, tgt_shape, device, comps=comps)
     prediction: Tensor | None = None  # the unperturbed registration
     timer = _Timer(device)
@@ -285,7 +286,7 @@ def estimate_uncertainty(
             std = torch.sqrt(M.trace(cov, d).clamp_min(0))
         else:
             cov = None
-            trace = sum(w * cov_vox[k] for k, w in enumerate(M.trace_weights(linear).values()))
+            trace = sum(w * cov_vox[k] for k, w in enumerate(weights.values()))
             std = torch.sqrt(trace.clamp_min(0))
         std = torch.where(reported, std, float("nan"))
         if cov is not None:

@@ -113,10 +113,11 @@ class StreamingMoments:
 
     def _squares(self, which: str) -> Tensor:
         """Sums of squares about the mean: total, within or between, ``(n_comp, *spatial)``."""
-        n = self.count.clamp_min(1)
-        outer = torch.stack([self.s1[i] * self.s1[j] for i, j in self.comps]) / n
         g = self.g if self.split else self.s2
-        return {"total": self.s2 - outer, "within": self.s2 - g, "between": g - outer}[which]
+        if which == "within":
+            return self.s2 - g
+        outer = torch.stack([self.s1[i] * self.s1[j] for i, j in self.comps]) / self.count.clamp_min(1)
+        return (self.s2 if which == "total" else g) - outer
 
     def covariance(self, which: str = "total") -> Tensor:
         """Covariance components ``(n_comp, *spatial)``: ``total``, ``within`` or ``between`` (see module doc).

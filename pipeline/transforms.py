@@ -238,8 +238,8 @@ def jacobian_determinant(phi: Tensor) -> Tensor:
     """Determinant of the spatial derivative of a map, ``(B, *spatial)``, central differences, voxel units.
 
     A value <= 0 marks folding. The sign is invariant to the (positive-determinant) RAS+ affines. Gradients in
-    float64, determinant by the closed-form 2x2 / 3x3 expansion (0.17 s instead of 0.62 s for a batched
-    ``det`` on a 2 mm MNI grid); returned in ``phi``'s dtype.
+    float64, determinant by the closed-form 2x2 / 3x3 expansion (measured in numpy on a 2 mm MNI grid: 0.17 s
+    instead of 0.62 s for a batched ``det``); returned in ``phi``'s dtype.
     """
     d = spatial_dims(phi)
     # g[i][j] = d phi_i / d x_j

@@ -64,14 +64,18 @@ class InputLayout:
     def matrix(self, shape_ras: tuple[int, ...]) -> Tensor:
         """Homogeneous float64 matrix: RAS+ voxel index of a grid of ``shape_ras`` -> its voxel index in this layout."""
         d = len(shape_ras)
-        m = torch.zeros(d + 1, d + 1, dtype=torch.float64)
-        m[d, d] = 1.0
         if self.is_identity:
             return torch.eye(d + 1, dtype=torch.float64)
+        m = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        m[d, d] = 1.0
         for i, (axis, flip) in enumerate(zip(self.axes, self.flips, strict=True)):
             m[i, axis] = -1.0 if flip else 1.0
             m[i, d] = shape_ras[axis] - 1 if flip else 0.0
         return m
+
+    def shape(self, shape_ras: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of a RAS+ grid of ``shape_ras`` in this layout (2D grids: unchanged, their layout is RAS)."""
+        return tuple(shape_ras) if self.is_identity else tuple(shape_ras[a] for a in self.axes)
 
     def grid_to_ras(self, x: Tensor) -> Tensor:
         """Spatial axes only: a field ``(B, C, *layout_shape)`` on a grid in this layout -> the same field on the

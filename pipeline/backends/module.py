@@ -155,13 +155,13 @@ class ModuleBackend:
         src_shape = tuple(source.shape[2:])
         grid, target_net, target_base = self._prepared_target(target[:1, :1].float())
         # image (RAS+ voxel) -> network voxel: the layout's signed permutation, then the index scaling
-        src_to_net = (index_matrix(self._layout_shape(src_shape), grid, self.align_corners)
+        src_to_net = (index_matrix(self.layout.shape(src_shape), grid, self.align_corners)
                       @ self.layout.matrix(src_shape))
         return NetworkPair(
             source=source[:1], target=target[:1], source_affine=T.as_matrix(source_affine, d, device=source.device),
             target_affine=T.as_matrix(target_affine, d, device=source.device), grid=grid, target_net=target_net,
             net_to_source=torch.linalg.inv(src_to_net).to(source.device), target_base=target_base,
-            target_layout_shape=self._layout_shape(tuple(target.shape[2:])))
+            target_layout_shape=self.layout.shape(tuple(target.shape[2:])))
 
     def _prepared_target(self, target: Tensor) -> tuple[tuple[int, ...], Tensor, Tensor]:
         """The network grid, the target on it (normalised) and the network position of every target voxel.
@@ -206,9 +206,6 @@ class ModuleBackend:
         u = T.map_to_displacement(self.convention.to_voxel_map(out.float()))  # network voxels
         u = self.layout.grid_to_ras(resample_to(u, pair.target_layout_shape, self.align_corners))
         return T.apply_affine(outer, u.add_(pair.target_base))
-
-    def _layout_shape(self, shape_ras: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(shape_ras[a] for a in self.layout.axes) if len(shape_ras) == 3 else shape_ras
 
 
 def load_torchscript(path: str | Path, **kwargs) -> ModuleBackend:
