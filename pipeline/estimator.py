@@ -252,7 +252,7 @@ def estimate_uncertainty(
         if backend.stochastic:  # the prediction a user applies: randomness off, outside the samples
             with B.deterministic(backend):
                 prediction = _predict(backend, pair, pert, [_Group(identity, 1, False)], timer, src_shape,
-                                      tgt_shape)[2]
+                                      tgt_shape)[2].clone()
             pending = [g for g in pending if g.counted]
         while pending:
             batch = _take(pending, capacity)
@@ -268,7 +268,7 @@ def estimate_uncertainty(
             del pending[: len(batch)]
             t0 = time.perf_counter()
             if prediction is None:
-                prediction = phi_identity
+                prediction = phi_identity.clone()
             counted = torch.tensor([g.counted for g in batch for _ in range(g.draws)], device=device)
             if counted.any():
                 group = torch.tensor([i for i, g in enumerate(batch) if g.counted for _ in range(g.draws)],
@@ -318,14 +318,14 @@ def _split_term(stats: M.StreamingMoments, which: str, comps, linear: Tensor, re
 
 def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Timer, src_shape, tgt_shape):
     """Composed-back predictions ``psi`` ``(b, D, *target)`` (source voxels) of one batch, their validity, and
-    the prediction of the batch's first sample (the unperturbed one, in the first batch)."""
+    the prediction of the batch's first sample (a view; the unperturbed one in the first batch)."""
     index = torch.tensor([g.tau for g in batch for _ in range(g.draws)])
     t0 = time.perf_counter()
     if pert.is_affine:
         psi = B.check_prediction(B.register_perturbed(backend, pair, pert.matrices[index]), len(index), tgt_shape)
         t0 = timer.lap("forward", t0)
         valid = T.inside_grid(psi, src_shape)
-        first = psi[0].clone()
+        first = psi[0]
     else:
         tau = pert.maps(index, pair.source.device)
         moved = T.warp(pair.source, tau)
@@ -334,6 +334,6 @@ def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Ti
         t0 = timer.lap("forward", t0)
         psi = pert.compose_back(index, phi_p, tau)
         valid = T.inside_grid(psi, src_shape) & T.inside_grid(phi_p, src_shape)
-        first = phi_p[0].clone()
+        first = phi_p[0]
     timer.lap("compose", t0)
     return psi, valid, first
