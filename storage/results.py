@@ -10,11 +10,13 @@ Arrays (target grid, RAS+ array order, dims named); which are stored depends on 
 * ``intrinsic_spread_mm2``, ``bias_jitter_mm2`` (same layout) when the model is stochastic;
 * ``mean_map``, ``prediction_map`` ``(axis, x, y, z)`` in source voxel units (RAS+ source grid) (``full``).
 
-Coordinates ``x``, ``y``, ``z`` are the world positions (mm) of the voxel centres along each axis, from
-the target affine (exact for axis-aligned grids; for oblique grids they are the positions along the
-diagonal, and ``attrs["affine"]`` holds the full 4x4). The leading dimensions have coordinates too:
-``component`` (``xx yy zz xy xz yz``) and ``axis`` (``i j k``). Each array carries CF-style ``units``
-(UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel indices) and a ``long_name``.
+Coordinates (:func:`open_pair`, :func:`open_cohort_results`): ``x``, ``y``, ``z`` are the world positions (mm)
+of the voxel centres along each axis, from the target affine (the group's ``attrs["affine"]``, the full 4x4;
+exact for axis-aligned grids, for oblique grids the positions along the diagonal); ``component`` (``xx yy zz
+xy xz yz``) and ``axis`` (``i j k``) label the leading dimensions (kept in the arrays' attributes). They are
+derived when a pair is opened, not stored as arrays: every Zarr array costs about 6 ms of CPU to create, and
+five coordinate arrays per pair were a third of a pair's cost outside the model at cohort scale. Each array
+carries CF-style ``units`` (UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel indices) and a ``long_name``.
 
 The root's consolidated metadata is rewritten at the end of every run and report (:func:`consolidate`), so
 ``xarray.open_zarr(root, group=PAIR)`` opens without a warning; equiqc itself always reads the store as it is
@@ -57,6 +59,8 @@ ARRAYS = {  # name -> (leading dim or None, CF/UDUNITS units, long_name)
 COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 # Labels of the leading dimensions, stored as coordinate arrays so that ``.sel(component="xx")`` works.
 MAP_AXES = ("i", "j", "k")  # source voxel axes (RAS+ source grid)
+LEADING = {"component": "covariance component (source world axes x y z, RAS+)",
+           "axis": "source voxel axis (RAS+ source grid)"}
 
 
 # Result-key entries that change underneath an unchanged configuration (the model file was replaced, equiqc's
@@ -94,6 +98,13 @@ def _open(root: str | Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(root), mode=mode, use_consolidated=False)
 
 
+def _pair(root: str | Path, pair_id: str, mode: str = "r") -> zarr.Group:
+    """A pair's group, opened by its path (not through the root: one metadata read instead of two)."""
+    if not pair_id or "/" in pair_id or pair_id.startswith("."):
+        raise KeyError(pair_id)
+    return zarr.open_group(str(Path(root) / pair_id), mode=mode, zarr_format=3, use_consolidated=False)
+
+
 def consolidate(root: str | Path) -> None:
     """Write the store's consolidated metadata (the root ``zarr.json`` then describes every pair and array), so
     ``xarray.open_zarr(root, group=PAIR)`` and :func:`open_cohort_results` open without listing the store. Done
@@ -111,7 +122,7 @@ def status(root: str | Path, pair_id: str, config: dict | None = None, input_has
     files, other weights or older numerics: recompute) or ``mismatch`` (another configuration: refuse unless
     overwriting)."""
     try:
-        group = _open(root)[pair_id]
+        group = _pair(root, pair_id)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return "missing"
     marker = group.attrs.get(MARKER)
@@ -143,7 +154,7 @@ def write_failure(root: str | Path, pair_id: str, config: dict, input_hash: str 
 def read_failure(root: str | Path, pair_id: str, config: dict, input_hash: str | None) -> dict | None:
     """The failure record of ``pair_id`` for this configuration and these inputs, else None."""
     try:
-        record = dict(_open(root)[pair_id].attrs).get(FAILURE)
+        record = dict(_pair(root, pair_id).attrs).get(FAILURE)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     if record and record.get("config") == config and record.get("input_hash") == input_hash:
@@ -153,7 +164,7 @@ def read_failure(root: str | Path, pair_id: str, config: dict, input_hash: str |
 
 def read_marker(root: str | Path, pair_id: str) -> dict | None:
     try:
-        return dict(_open(root)[pair_id].attrs).get(MARKER)
+        return dict(_pair(root, pair_id).attrs).get(MARKER)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
 
@@ -188,17 +199,9 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
             "use a new output folder or ask for overwriting (--overwrite)")
     group = root_group.create_group(pair_id, overwrite=True)  # drops old arrays and marker
     spatial = result.std_mm.shape
-    coords = _axis_coords(np.asarray(target_affine), spatial)
-    for axis, values in zip(AXES, coords, strict=True):
-        arr = group.create_array(axis, shape=values.shape, dtype=np.float64, dimension_names=[axis])
-        arr[...] = values
-        arr.attrs.update({"units": "mm", "long_name": f"world {axis} of voxel centres (RAS+)"})
+    # One zarr call per array, data and attributes included: each costs about 6 ms of CPU in zarr itself, so the
+    # coordinates are not stored as arrays but derived from the affine when the pair is opened (open_pair).
     labels = {"component": [COMPONENT_NAMES[c] for c in result.components], "axis": list(MAP_AXES[: len(spatial)])}
-    for lead, values in labels.items():
-        arr = group.create_array(lead, shape=(len(values),), dtype=str, dimension_names=[lead], fill_value="")
-        arr[...] = np.array(values)
-        arr.attrs["long_name"] = ("covariance component (source world axes x y z, RAS+)" if lead == "component"
-                                  else "source voxel axis (RAS+ source grid)")
     for name in STORE_LEVELS[level]:
         lead, units, long_name = ARRAYS[name]
         data = _stored(result, name)
@@ -208,12 +211,12 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         chunks = tuple(min(64, n) for n in data.shape[-len(spatial):])
         if lead:
             chunks = (data.shape[0], *chunks)
-        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, dimension_names=dims,
-                                 fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR)
-        arr[...] = data
-        arr.attrs.update({"units": units, "long_name": long_name})
-    group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
-    group.attrs[MARKER] = {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}
+        attrs = {"units": units, "long_name": long_name, **({lead: labels[lead]} if lead else {})}
+        group.create_array(name, data=data, chunks=chunks, dimension_names=dims,
+                           fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR,
+                           attributes=attrs)
+    group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id,  # the marker last
+                        MARKER: {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}})
 
 
 def _axis_coords(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -225,17 +228,37 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in keys[:3]) or "unknown"
 
 
+def with_coordinates(ds, affine):
+    """``ds`` (one pair's arrays as stored) with its coordinates: ``x y z`` the world positions (mm) of the voxel
+    centres from ``affine`` (the group's ``attrs["affine"]``), and ``component`` / ``axis`` labels from the
+    arrays' attributes. Stores written before coordinates were derived (they held them as arrays) get the same
+    values."""
+    affine = np.asarray(affine, dtype=float)
+    spatial = [d for d in AXES if d in ds.dims]
+    values = _axis_coords(affine, tuple(ds.sizes[d] for d in spatial))
+    coords = {d: (d, v, {"units": "mm", "long_name": f"world {d} of voxel centres (RAS+)"})
+              for d, v in zip(spatial, values, strict=True)}
+    for lead, long_name in LEADING.items():
+        if lead in ds.dims and lead not in ds.coords:
+            names = next((ds[v].attrs[lead] for v in ds.data_vars if lead in ds[v].attrs), None)
+            if names is not None:
+                coords[lead] = (lead, np.asarray(names), {"long_name": long_name})
+    return ds.assign_coords(coords)
+
+
 def open_pair(root: str | Path, pair_id: str):
     """One pair's results as an ``xarray.Dataset`` (lazy, dask-backed; dims ``x y z`` with world-mm coordinates,
     plus ``component`` (``xx yy zz xy xz yz``) and ``axis`` (``i j k``) coordinates for the covariance and the
-    maps): ``open_pair(root, pid).covariance_mm2.sel(component="xy")``."""
+    maps): ``open_pair(root, pid).covariance_mm2.sel(component="xy")``. (A plain ``xarray.open_zarr(root,
+    group=pid)`` opens the same arrays with named dimensions but no coordinate values.)"""
     import xarray as xr
 
-    read_array(root, pair_id, "std_mm")  # a clear ResultNotFound for a wrong pair id or store
+    _, attrs = read_array(root, pair_id, "std_mm")  # a clear ResultNotFound for a wrong pair id or store
     try:
-        return xr.open_zarr(str(root), group=pair_id, consolidated=True)
+        ds = xr.open_zarr(str(root), group=pair_id, consolidated=True)
     except (KeyError, ValueError, FileNotFoundError):  # not consolidated yet (a run still writing)
-        return xr.open_zarr(str(root), group=pair_id, consolidated=False)
+        ds = xr.open_zarr(str(root), group=pair_id, consolidated=False)
+    return with_coordinates(ds, attrs["affine"])
 
 
 def open_cohort_results(root: str | Path):
@@ -248,7 +271,9 @@ def open_cohort_results(root: str | Path):
         _open(root)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
-    return xr.open_datatree(str(root), engine="zarr", consolidated=True, chunks={})
+    tree = xr.open_datatree(str(root), engine="zarr", consolidated=True, chunks={})
+    return tree.map_over_datasets(lambda ds: with_coordinates(ds, ds.attrs["affine"]) if "affine" in ds.attrs
+                                  else ds)
 
 
 def complete_pairs(root: str | Path) -> list[str]:
@@ -275,13 +300,15 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
     Raises :class:`ResultNotFound` naming the pairs (or arrays) that do exist when ``pair_id`` (or ``name``)
     is not there."""
     try:
-        root_group = _open(root)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
-    pairs = [k for k, _ in root_group.groups()]
-    if pair_id not in pairs:
-        raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}")
-    group = root_group[pair_id]
+        group = _pair(root, pair_id)  # by its path: listing the store's pairs costs O(pairs)
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
+        try:
+            root_group = _open(root)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
+        pairs = [k for k, _ in root_group.groups()]
+        raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}"
+                             ) from None
     arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
     if name == "prediction_map" and name not in arrays and "prediction_displacement" in arrays:
         arr = group["prediction_displacement"]  # the standard level: the map is identity + displacement
@@ -299,7 +326,7 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
 def invalidate(root: str | Path, pair_id: str) -> None:
     """Remove a pair's completion marker (its inputs changed); the arrays are recomputed on the next run."""
     try:
-        group = _open(root, "r+")[pair_id]
+        group = _pair(root, pair_id, "r+")
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return
     if MARKER in group.attrs:

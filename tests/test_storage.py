@@ -330,8 +330,11 @@ def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
     R.write_result(tmp_path / "r.zarr", "p2", other, affine, {"k": 8}, level="full")
     R.consolidate(tmp_path / "r.zarr")  # what every run and report does at its end
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # README's plain xarray call opens without a warning
-        ds = xr.open_zarr(tmp_path / "r.zarr", group="p1")
+        warnings.simplefilter("error")  # a plain xarray call opens without a warning: named dims, no coordinates
+        plain = xr.open_zarr(tmp_path / "r.zarr", group="p1")
+        ds = R.open_pair(tmp_path / "r.zarr", "p1")  # the coordinates, derived from the affine
+    assert plain["std_mm"].dims == ("x", "y", "z") and "x" not in plain.coords
+    np.testing.assert_array_equal(plain["std_mm"].values, res.std_mm)
     assert ds["std_mm"].dims == ("x", "y", "z")
     assert ds["covariance_mm2"].dims == ("component", "x", "y", "z")
     assert list(ds["component"].values) == ["xx", "yy", "zz", "xy", "xz", "yz"]
@@ -342,6 +345,8 @@ def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
     tree = R.open_cohort_results(tmp_path / "r.zarr")  # the whole cohort as one DataTree
     assert set(tree.children) == {"p1", "p2"}
     np.testing.assert_array_equal(tree["p2"].to_dataset()["std_mm"].values, other.std_mm)
+    np.testing.assert_allclose(tree["p2"].to_dataset()["y"].values, 5 + 2 * np.arange(SHAPE[1]))
+    assert list(tree["p1"].to_dataset()["component"].values) == ["xx", "yy", "zz", "xy", "xz", "yz"]
     assert "intrinsic_spread_mm2" not in tree["p2"].to_dataset()
     np.testing.assert_allclose(ds["x"].values, -10 + 2 * np.arange(SHAPE[0]))
     np.testing.assert_allclose(ds["z"].values, 3 * np.arange(SHAPE[2]))
