@@ -177,17 +177,23 @@ def input_hashes(spec: PairSpec) -> tuple[dict[str, str], str]:
     return hashes, hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()
 
 
+def _pairs(store: str | Path, mode: str = "r+") -> zarr.Group:
+    """The store's ``pairs`` group, opened directly (cheaper than the root and then the child)."""
+    return zarr.open_group(str(Path(store) / "pairs"), mode=mode, zarr_format=3)
+
+
 def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
     """Ingest one pair into ``store`` (idempotent); never raises for a bad input file. Pairs may be ingested side by
     side once the store exists (:func:`open_cohort`, which a run calls before its workers start)."""
-    root = open_cohort(store)
-    pairs = root["pairs"]
+    if not (Path(store) / "pairs" / "zarr.json").exists():
+        open_cohort(store)
+    pairs = _pairs(store)
     try:
         hashes, input_hash = input_hashes(spec)
     except OSError as exc:
         missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
         return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None)
-    if spec.pair_id in pairs:
+    if (Path(store) / "pairs" / spec.pair_id / "zarr.json").exists():
         attrs = dict(pairs[spec.pair_id].attrs)
         if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):
             return IngestOutcome(spec.pair_id, "unchanged" if attrs["status"] == "ok" else "failed",
@@ -196,21 +202,25 @@ def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None
         loaded = load_pair(spec, max_voxels)
     except VolumeError as exc:
         return _record_failure(pairs, spec, str(exc), input_hash)
-    group = pairs.create_group(spec.pair_id, overwrite=True)
-    shared = {}
+    shared, own = {}, {}
     for role, (data, vol) in loaded.items():
         attrs = {"affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
                  "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
                  "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
                  "header": vol.header}
         if role == "ground_truth":  # depends on both grids of this pair: not shared
-            _write_array(group, role, data, attrs)
+            own[role] = (data, attrs)
         else:
             shared[role] = volume_key(hashes[role], data.dtype)
-            _store_shared(store, root[VOLUMES], shared[role], data, attrs)
-    group.attrs.update({"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
-                        "roles": sorted(loaded), "volumes": shared,
-                        "paths": {role: str(spec.path(role)) for role in loaded}})
+            _store_shared(store, shared[role], data, attrs)
+    done = {"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
+            "roles": sorted(loaded), "volumes": shared, "paths": {role: str(spec.path(role)) for role in loaded}}
+    # the attributes say "ok" only once everything is written: with the group when it holds no array of its own
+    group = pairs.create_group(spec.pair_id, overwrite=True, attributes={} if own else done)
+    for role, (data, attrs) in own.items():
+        _write_array(group, role, data, attrs)
+    if own:
+        group.attrs.update(done)
     return IngestOutcome(spec.pair_id, "ingested", None, input_hash)
 
 
@@ -218,18 +228,16 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) ->
     chunks = tuple(min(CHUNK, n) for n in data.shape[-3:])
     if data.ndim == 4:
         chunks = (data.shape[0], *chunks)
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
-    arr[...] = data
-    arr.attrs.update(attrs)
+    group.create_array(name, data=data, chunks=chunks, attributes=attrs)  # one zarr call (about 6 ms CPU each)
 
 
-def _store_shared(store: str | Path, volumes: zarr.Group, key: str, data: np.ndarray, attrs: dict) -> None:
+def _store_shared(store: str | Path, key: str, data: np.ndarray, attrs: dict) -> None:
     """Write ``volumes/<key>`` once: into a temporary array, renamed into place (a race's loser discards its copy)."""
-    if key in volumes:
+    folder = Path(store) / VOLUMES
+    if (folder / key / "zarr.json").exists():
         return
     tmp = f".tmp-{uuid.uuid4().hex}"
-    _write_array(volumes, tmp, data, attrs)
-    folder = Path(store) / VOLUMES
+    _write_array(zarr.open_group(str(folder), mode="r+", zarr_format=3), tmp, data, attrs)
     try:
         os.rename(folder / tmp, folder / key)
     except OSError:  # another worker stored the same content first
@@ -239,9 +247,9 @@ def _store_shared(store: str | Path, volumes: zarr.Group, key: str, data: np.nda
 
 
 def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: str | None) -> IngestOutcome:
-    group = pairs.create_group(spec.pair_id, overwrite=True)
-    group.attrs.update({"status": "failed", "error": error, "input_hash": input_hash,
-                        "subject_id": spec.subject_id})
+    pairs.create_group(spec.pair_id, overwrite=True, attributes={"status": "failed", "error": error,
+                                                                 "input_hash": input_hash,
+                                                                 "subject_id": spec.subject_id})
     return IngestOutcome(spec.pair_id, "failed", error, input_hash)
 
 
@@ -256,7 +264,7 @@ class StoredVolume:
 
 def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = None) -> dict[str, StoredVolume]:
     """Read a pair's arrays (all roles, or the given ones that exist) from the cohort store."""
-    group = zarr.open_group(str(store), mode="r")["pairs"][pair_id]
+    group = zarr.open_group(str(Path(store) / "pairs" / pair_id), mode="r", zarr_format=3)
     if group.attrs.get("status") != "ok":
         raise VolumeError(f"pair {pair_id}: not ingested ({group.attrs.get('error')})")
     shared = dict(group.attrs.get("volumes", {}))
@@ -278,6 +286,6 @@ def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = N
 def pair_status(store: str | Path, pair_id: str) -> dict:
     """The pair group's attributes (``status``, ``error``, ``input_hash``...), or ``{}`` if absent."""
     try:
-        return dict(zarr.open_group(str(store), mode="r")["pairs"][pair_id].attrs)
+        return dict(zarr.open_group(str(Path(store) / "pairs" / pair_id), mode="r", zarr_format=3).attrs)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return {}
