@@ -1,7 +1,8 @@
-"""report.html: self-contained, complete, and rendered by a real browser (headless Chromium)."""
+"""report.html: complete, its pair figures drawn beside it, and rendered by a real browser (headless Chromium)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from equiqc.workflows.cluster import ClusterHandle
 from equiqc.workflows.config import RunConfig
@@ -41,15 +42,18 @@ def run_dir(tmp_path_factory):
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0")
     handle = ClusterHandle(Client(cluster), cluster, False)
     try:
-        summary = run_cohort(cohort.manifest, base / "out", RunConfig(samples=3, label_names=LABEL_NAMES), handle)
+        with get_task_stream(handle.client) as stream:
+            summary = run_cohort(cohort.manifest, base / "out", RunConfig(samples=3, label_names=LABEL_NAMES), handle)
     finally:
         handle.close()
     assert summary.html == base / "out" / "report.html"
+    figures = {t["key"].removeprefix("figure-") for t in stream.data if t["key"].startswith("figure-")}
+    (base / "out" / "figure_tasks.json").write_text(json.dumps(sorted(figures)))  # read by the test below
     return base / "out"
 
 
 @pytest.mark.slow
-def test_report_html_is_self_contained_and_complete(run_dir):
+def test_report_html_is_complete_and_its_figures_are_files(run_dir):
     page = (run_dir / "report.html").read_text()
     assert "<table id=\"pairs\">" in page and page.count("<tr class=") == 4
     assert "missing.nii.gz: file not found" in page  # failed pair with its reason
@@ -57,20 +61,43 @@ def test_report_html_is_self_contained_and_complete(run_dir):
     assert "uncertainty vs true error" in page and "std_mm (mm)" not in page[:200]
     for name in ("csf", "gm", "wm"):
         assert f"<td>{name}</td>" in page  # per-structure mean uncertainty
+    shown = json.loads(html.unescape(re.search(r'data-shown="([^"]*)"', page).group(1)))
+    assert shown  # the flagged and highest-risk pairs, each drawn once into figures/ and loaded lazily
+    assert set(shown) == set(json.loads((run_dir / "figure_tasks.json").read_text()))  # drawn on the workers
+    for pid in shown:
+        figure = run_dir / "figures" / f"{pid}.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"loading='lazy' width='800' height='760' src='figures/{pid}.png'" in page
+        assert f"<a href='#pair-{pid}'>{pid}</a>" in page  # its table row links to the figure
 
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     exe = chromium()
     url = (run_dir / "report.html").as_uri()
-    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([exe, *CHROMIUM_FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120).stdout
-    decoded = re.search(r'data-images-decoded="(\d+)/(\d+)"', dom)
-    assert decoded, "the page's load handler did not run"
-    ok, total = map(int, decoded.groups())
-    assert total >= 3 and ok == total, f"{ok}/{total} images decoded"
-    assert "<table id=\"pairs\">" in dom
+    tools = DevTools(exe, tmp_path / "profile")
+    try:
+        session = tools.open(url)
+        # every image, the lazy pair figures included once scrolled to, decodes
+        decoded = tools.evaluate(session, """Promise.all([...document.images].map(i => {
+            i.loading = 'eager'; return i.decode().then(() => i.naturalWidth > 0 ? 1 : 0, () => 0); }))
+            .then(r => [r.reduce((a, b) => a + b, 0), r.length])""", await_promise=True)
+        assert decoded[1] >= 3 and decoded[0] == decoded[1], f"{decoded[0]}/{decoded[1]} images decoded"
+        # the filters: failed pairs only, then a text that matches one pair
+        counts = tools.evaluate(session, """(() => {
+            const visible = () => [...document.querySelectorAll('#pairs tbody tr')].filter(
+                r => r.style.display !== 'none').length;
+            document.getElementById('status-filter').value = 'failed'; filterTable(); const failed = visible();
+            document.getElementById('status-filter').value = ''; document.getElementById('text-filter').value =
+                'sub-001_to'; filterTable(); const text = visible();
+            document.getElementById('text-filter').value = ''; filterTable();
+            sortTable(0); const first = document.querySelector('#pairs tbody tr').dataset.pair;
+            return [failed, text, visible(), document.getElementById('shown').textContent, first];
+        })()""")
+        assert counts[:4] == [1, 1, 4, "4 of 4 shown"] and counts[4] == "sub-999_to_atlas"  # descending by pair
+    finally:
+        tools.close()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile2")]
     shot = tmp_path / "report.png"
     subprocess.run([exe, *CHROMIUM_FLAGS, *profile, "--window-size=1280,2400", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120)
@@ -119,8 +146,19 @@ class DevTools:
                 return reply["result"]
         raise TimeoutError(method)
 
-    def evaluate(self, session: str, expression: str):
-        result = self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)
+    def open(self, url: str) -> str:
+        """A new tab showing ``url``, loaded; returns its session id."""
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline = time.time() + 60
+        ready = "document.readyState === 'complete' && document.getElementById('rater') !== null"
+        while not self.evaluate(session, ready) and time.time() < deadline:  # a new tab starts as about:blank
+            time.sleep(0.2)
+        return session
+
+    def evaluate(self, session: str, expression: str, await_promise: bool = False):
+        result = self.send("Runtime.evaluate", session, expression=expression, returnByValue=True,
+                           awaitPromise=await_promise)
         if "exceptionDetails" in result:
             raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -144,12 +182,8 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
     tools = DevTools(exe, tmp_path / "profile")
     try:
         tools.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-        target = tools.send("Target.createTarget", url=page)["targetId"]
-        session = tools.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        session = tools.open(page)
         deadline = time.time() + 60
-        ready = "document.readyState === 'complete' && document.getElementById('rater') !== null"
-        while not tools.evaluate(session, ready) and time.time() < deadline:  # a new tab starts as about:blank
-            time.sleep(0.2)
         pair = "sub-001_to_atlas"
         tsv = tools.evaluate(session, f"""(() => {{
             document.getElementById('rater').value = 'jd';
@@ -174,12 +208,35 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
 
 
 @pytest.mark.slow
+def test_report_rebuilds_draw_only_missing_or_stale_figures(run_dir):
+    from equiqc.workflows.html_report import write_html_report
+
+    asked = []
+
+    def draw(out_dir, pair_ids):
+        asked.append(list(pair_ids))
+        return {pid: None for pid in pair_ids}
+
+    write_html_report(run_dir, draw=draw)
+    assert asked == [[]]  # every figure is newer than its result
+    shown = json.loads(html.unescape(re.search(r'data-shown="([^"]*)"', (run_dir / "report.html").read_text())[1]))
+    result = run_dir / "results.zarr" / shown[0] / "zarr.json"
+    older = result.stat().st_mtime_ns - 10**9  # as if the pair was recomputed after its figure was drawn
+    os.utime(run_dir / "figures" / f"{shown[0]}.png", ns=(older, older))
+    write_html_report(run_dir, draw=draw)
+    assert asked[-1] == [shown[0]]
+    write_html_report(run_dir)  # drawn again in this process: current once more
+    assert asked[-1] == [shown[0]] and (run_dir / "figures" / f"{shown[0]}.png").stat().st_mtime_ns >= \
+        result.stat().st_mtime_ns
+
+
+@pytest.mark.slow
 def test_the_number_of_embedded_figures_is_capped(run_dir):
     from equiqc.workflows.html_report import write_html_report
 
     try:
         page = write_html_report(run_dir, max_figures=1).read_text()
-        assert page.count("slices' src='data:image/png") == 1
+        assert page.count("slices' loading='lazy'") == 1
         assert "more pairs to look at are not drawn (at most 1 figures" in page
     finally:
         write_html_report(run_dir)  # the other tests read the full page

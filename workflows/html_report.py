@@ -1,11 +1,17 @@
-"""``report.html``: one self-contained page (images embedded as PNG data URIs, no server, no network).
+"""``report.html``: one page of the run folder (no server, no network), with its pair figures beside it.
 
-Contents: cohort summary; risk-score histogram; uncertainty vs true error when ground truth is known; a
-sortable table of all pairs (risk first, flagged rows highlighted with their reasons and any person's
-rating, failed rows with their error); and, for every flagged pair plus the top N by risk, three
-orthogonal slices through the region of highest uncertainty showing the target, the warped source as a
-checkerboard with the target, and the ``std_mm`` heat map (colour bar in mm), with per-structure mean
-uncertainty when labels exist.
+Contents: cohort summary; risk-score histogram; uncertainty vs true error when ground truth is known (both
+embedded as PNG data URIs); a table of all pairs (risk first, flagged rows highlighted with their reasons and any
+person's rating, failed rows with their error and crash file), sortable by any column and filtered by text and by
+status, usable at 10,000 rows; and, for every flagged pair plus the top N by risk (at most ``max_figures``, highest
+risk first), three orthogonal slices through the region of highest uncertainty showing the target, the warped
+source as a checkerboard with the target, and the ``std_mm`` heat map (colour bar in mm), with per-structure
+mean uncertainty when labels exist.
+
+Pair figures are PNG files, ``DIR/figures/<pair_id>.png``, drawn where the pairs were computed (a run draws them
+on its cluster's workers, in parallel, before the cluster closes; ``equiqc report`` draws those missing or older
+than their pair's result in its own process) and loaded lazily by the page, so report.html stays small (its
+size grows with the table only: about 0.5 kB per pair). Move the run folder as a whole to keep the figures.
 
 Display convention (arrays are RAS+): axial and coronal views are shown in neurological orientation
 (patient left on the left of the image, labelled L/R), anterior up in axial views, superior up in coronal
@@ -30,7 +36,7 @@ import torch  # noqa: E402
 from scipy.ndimage import uniform_filter  # noqa: E402
 
 from equiqc.pipeline import transforms as T  # noqa: E402
-from equiqc.storage.atomic import write_text_atomic  # noqa: E402
+from equiqc.storage.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 from equiqc.storage.cohort import read_pair  # noqa: E402
 from equiqc.storage.decisions import RATINGS  # noqa: E402
 from equiqc.storage.results import ResultNotFound, read_array  # noqa: E402
@@ -41,17 +47,24 @@ COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_rea
            "runtime_s", "error", "crash_file"]
 
 
-def _png(fig) -> str:
+FIGURES = "figures"  # DIR/figures/<pair_id>.png
+
+
+def _png_bytes(fig, **kwargs) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", **kwargs)
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _png(fig) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(fig, bbox_inches="tight")).decode()
 
 
 def risk_histogram(frame: pd.DataFrame) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     done = frame[frame.status == "complete"]
-    ax.hist(done.risk_score.dropna(), bins=max(10, len(done) // 3), color="#4c72b0")
+    ax.hist(done.risk_score.dropna(), bins=int(np.clip(len(done) // 3, 10, 80)), color="#4c72b0")
     ax.axvline(0, color="#888888", ls="--", label="cohort median")
     ax.set_xlabel("risk score: log2(p95 spread / cohort median), bounded to [-8, 8]")
     ax.set_ylabel("pairs")
@@ -86,8 +99,9 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(mask, a, b)
 
 
-def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
-    """Target / checkerboard of warped source and target / std_mm, in three planes through the peak."""
+def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> bytes:
+    """Target / checkerboard of warped source and target / std_mm, in three planes through the peak, as PNG
+    bytes."""
     std, _ = read_array(results_root, pair_id, "std_mm")
     vols = read_pair(cohort_root, pair_id, ("source", "target", "target_mask"))
     norm = lambda v: v / max(np.percentile(v, 99.5), 1e-6)  # noqa: E731
@@ -105,7 +119,7 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
     smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
     vmax = float(np.nanpercentile(shown, 99)) if region.any() else 1.0
-    fig, axes = plt.subplots(3, 3, figsize=(10, 9.5))
+    fig, axes = plt.subplots(3, 3, figsize=(10, 9.5), dpi=80)
     anatomy_views = _views(anatomy, centre)
     rows = [("target", anatomy, "gray", (0, 1)),
             (*middle, "gray", (0, 1)),
@@ -125,7 +139,39 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> str:
             fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.8, label="std_mm (mm)")
     fig.suptitle(f"{pair_id}: slices through the region of highest uncertainty (voxel {tuple(map(int, centre))})",
                  y=0.93)
-    return _png(fig)
+    return _png_bytes(fig)
+
+
+def figure_path(pair_id: str) -> str:
+    """A pair figure's path relative to the run folder."""
+    return f"{FIGURES}/{pair_id}.png"
+
+
+def figure_is_current(out_dir: Path, pair_id: str) -> bool:
+    """Whether the pair's figure exists and is newer than its stored result (the result's ``zarr.json``, rewritten
+    with every completion marker)."""
+    figure, result = out_dir / figure_path(pair_id), out_dir / "results.zarr" / pair_id / "zarr.json"
+    try:
+        return figure.stat().st_mtime_ns >= result.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def draw_pair_figure(out_dir: str | Path, pair_id: str) -> str | None:
+    """Draw one pair's figure into ``DIR/figures/<pair_id>.png``; returns None, or why it could not be drawn (a
+    missing volume must not cost the rest of the report). Runs on a worker or in the client."""
+    out_dir = Path(out_dir)
+    try:
+        png = pair_figure(out_dir / "results.zarr", out_dir / "cohort.zarr", pair_id)
+        write_bytes_atomic(out_dir / figure_path(pair_id), png)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def draw_in_process(out_dir: Path, pair_ids: list[str]) -> dict[str, str | None]:
+    """:func:`draw_pair_figure` for each pair, one after another (``equiqc report``, which has no cluster)."""
+    return {pid: draw_pair_figure(out_dir, pid) for pid in pair_ids}
 
 
 def _fmt(v) -> str:
@@ -136,9 +182,11 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _cell(column: str, value) -> str:
+def _cell(column: str, value, drawn: bool = False) -> str:
     if column == "crash_file" and isinstance(value, str) and value:
         return f"<td><a href='{html.escape(value)}'>{html.escape(value)}</a></td>"
+    if column == "pair_id" and drawn:  # to its figure's section
+        return f"<td><a href='#pair-{html.escape(value)}'>{html.escape(value)}</a></td>"
     return f"<td>{_fmt(value)}</td>"
 
 
@@ -150,30 +198,33 @@ def _rating_cells(current) -> str:
     return f"<td><select class='rating'>{options}</select></td><td><input class='note' size='18'></td>"
 
 
-MAX_FIGURES = 50  # slice figures embedded at most (about 0.1 MB and 0.6 s each): report.html stays bounded
+MAX_FIGURES = 500  # pair figures drawn at most (about 0.4 s of a worker and 60 kB each; the page loads them lazily)
 
 
 def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = None,
-                      max_figures: int = MAX_FIGURES) -> Path:
+                      max_figures: int = MAX_FIGURES, draw=draw_in_process) -> Path:
     """Write ``out_dir/report.html`` from ``report.parquet`` and the stored volumes; returns its path.
 
-    Slice figures are drawn for the flagged pairs and the ``top_n`` highest risk scores, highest first, at most
-    ``max_figures`` of them; the pairs beyond the cap are listed by name (their rows stay in the table)."""
+    Figures are shown for the flagged pairs and the ``top_n`` highest risk scores, highest first, at most
+    ``max_figures`` of them; the pairs beyond the cap are listed by name (their rows stay in the table). Those not
+    yet drawn (or older than their result) are drawn by ``draw(out_dir, pair_ids) -> {pair_id: error or None}``:
+    in this process by default; a run passes one that maps them over its cluster."""
     out_dir = Path(out_dir)
     frame = pd.read_parquet(out_dir / "report.parquet")
     frame = frame.sort_values("risk_score", ascending=False, na_position="first")
     done = frame[frame.status == "complete"]
     chosen = list(dict.fromkeys(list(done[done.flagged].pair_id) + list(done.pair_id[:top_n])))
     chosen, beyond = chosen[:max_figures], chosen[max_figures:]
+    errors = draw(out_dir, [pid for pid in chosen if not figure_is_current(out_dir, pid)])
     label_cols = [c for c in frame.columns if c.startswith("uncertainty_mean_mm_")]
-    sections = []
+    sections, drawn = [], set()
+    rows = done.set_index("pair_id")
     for pid in chosen:
-        row = done[done.pair_id == pid].iloc[0]
-        try:
-            img = pair_figure(out_dir / "results.zarr", out_dir / "cohort.zarr", pid)
-        except Exception as exc:  # a missing volume must not cost the rest of the report
-            sections.append(f"<h3>{html.escape(pid)}</h3><p>slice views unavailable: {html.escape(str(exc))}</p>")
+        row = rows.loc[pid]
+        if errors.get(pid):
+            sections.append(f"<h3>{html.escape(pid)}</h3><p>slice views unavailable: {html.escape(errors[pid])}</p>")
             continue
+        drawn.add(pid)
         structures = "".join(f"<tr><td>{html.escape(c.removeprefix('uncertainty_mean_mm_'))}</td>"
                              f"<td>{_fmt(row[c])}</td></tr>" for c in label_cols)
         table = (f"<table class='small'><tr><th>structure</th><th>mean std_mm</th></tr>{structures}</table>"
@@ -182,22 +233,25 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
                         f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
-                        f"src='{img}'>{table}")
+                        f"loading='lazy' width='800' height='760' src='{html.escape(figure_path(pid))}'>{table}")
     if beyond:
         sections.append(f"<p>{len(beyond)} more pairs to look at are not drawn (at most {max_figures} figures keep "
-                        f"this page small): {html.escape(', '.join(beyond))}</p>")
+                        f"the report quick to make): {html.escape(', '.join(beyond))}</p>")
     cols = [c for c in COLUMNS if c in frame.columns]
     head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
     head += "<th>your rating</th><th>note</th>"
     body = "".join(
         f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}' "
         f"data-pair='{html.escape(r.pair_id)}'>"
-        + "".join(_cell(c, getattr(r, c)) for c in cols) + _rating_cells(getattr(r, "rating", None))
-        + "</tr>" for r in frame.itertuples())
+        + "".join(_cell(c, getattr(r, c), r.pair_id in drawn) for c in cols)
+        + _rating_cells(getattr(r, "rating", None)) + "</tr>" for r in frame.itertuples())
     scatter = error_scatter(frame) if "true_error_mean_mm" in frame else None
     meta = meta or {}
     failed = frame[frame.status != "complete"]
-    reasons = "".join(f"<li>{html.escape(r.pair_id)}: {html.escape(str(r.error))}</li>" for r in failed.itertuples())
+    reasons = "".join(f"<li>{html.escape(r.pair_id)}: {html.escape(str(r.error))}</li>"
+                      for r in failed.head(MAX_LISTED_FAILURES).itertuples())
+    if len(failed) > MAX_LISTED_FAILURES:
+        reasons += f"<li>... and {len(failed) - MAX_LISTED_FAILURES} more (filter the table by status)</li>"
     summary = {"pairs": len(frame), "completed": len(done), "failed": len(failed), "flagged": int(done.flagged.sum()),
                **meta}
     page = TEMPLATE.format(
@@ -207,6 +261,9 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
         head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)))
     return write_text_atomic(out_dir / "report.html", page)
+
+
+MAX_LISTED_FAILURES = 50  # failed pairs listed with their reason above the table (all are in the table)
 
 
 TEMPLATE = """<!doctype html>
@@ -226,7 +283,12 @@ table.small td, table.small th {{ font-size: 13px; }}
 <h1>Registration QC report</h1>
 <h2>Cohort</h2><table>{summary}</table>{reasons}
 <h2>Risk scores</h2>{hist}{scatter}
-<h2>Pairs</h2><p>Click a column to sort. Red: flagged; grey: failed. Rate pairs in the last columns, then
+<h2>Pairs</h2><p>Click a column to sort. Red: flagged; grey: failed. Show
+<select id="status-filter" onchange="filterTable()"><option value="">all pairs</option>
+<option value="flagged">flagged</option><option value="failed">failed</option>
+<option value="ok">neither</option></select> matching <input id="text-filter" size="24"
+placeholder="pair, subject, reason..." oninput="filterTable()"> <span id="shown"></span>. Rate pairs in the last
+columns, then
 <label>rater <input id="rater" size="10"></label>
 <button id="download" onclick="downloadRatings()">download ratings.tsv</button> and merge it with
 <code>equiqc report DIR --ratings ratings.tsv</code>: a rating decides over the flags and is kept.</p>
@@ -235,16 +297,32 @@ table.small td, table.small th {{ font-size: 13px; }}
 <script>
 function sortTable(col) {{
   const tbody = document.querySelector('#pairs tbody');
-  const rows = Array.from(tbody.rows);
   const asc = tbody.dataset.col == col ? tbody.dataset.asc != 'true' : false;
-  rows.sort((a, b) => {{
-    const x = a.cells[col].innerText, y = b.cells[col].innerText;
-    const nx = parseFloat(x), ny = parseFloat(y);
-    const c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+  const keyed = Array.from(tbody.rows, r => {{  // each cell read once: quick at 10,000 rows
+    const text = r.cells[col].textContent, num = parseFloat(text);
+    return [isNaN(num) ? null : num, text, r];
+  }});
+  keyed.sort((a, b) => {{
+    const c = (a[0] !== null && b[0] !== null) ? a[0] - b[0] : a[1].localeCompare(b[1]);
     return asc ? c : -c;
   }});
-  rows.forEach(r => tbody.appendChild(r));
+  const frag = document.createDocumentFragment();
+  keyed.forEach(k => frag.appendChild(k[2]));
+  tbody.appendChild(frag);
   tbody.dataset.col = col; tbody.dataset.asc = asc;
+}}
+function filterTable() {{
+  const status = document.getElementById('status-filter').value;
+  const text = document.getElementById('text-filter').value.toLowerCase();
+  let shown = 0;
+  const rows = document.querySelectorAll('#pairs tbody tr');
+  rows.forEach(tr => {{
+    const cls = tr.classList.contains('failed') ? 'failed' : tr.classList.contains('flagged') ? 'flagged' : 'ok';
+    const ok = (!status || status === cls) && (!text || tr.textContent.toLowerCase().includes(text));
+    tr.style.display = ok ? '' : 'none';
+    shown += ok;
+  }});
+  document.getElementById('shown').textContent = shown + ' of ' + rows.length + ' shown';
 }}
 function ratingsTSV() {{
   const rater = document.getElementById('rater').value.replace(/[\\t\\n]/g, ' ');
@@ -264,6 +342,7 @@ function downloadRatings() {{
   document.body.appendChild(a); a.click(); a.remove();
 }}
 window.addEventListener('load', () => {{
+  filterTable();
   const imgs = Array.from(document.images);
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.imagesDecoded = ok + '/' + imgs.length;

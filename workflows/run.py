@@ -67,15 +67,17 @@ class RunSummary:
         return [r for r in self.rows if r["status"] == "complete" and r.get("flagged")]
 
 
-def _html(out_dir: Path, config: RunConfig, provenance: dict, calibration: CalibrationChoice, log) -> Path | None:
-    """Write report.html; a failure here is reported but never costs the Parquet report."""
-    from equiqc.workflows.html_report import write_html_report
+def _html(out_dir: Path, config: RunConfig, provenance: dict, calibration: CalibrationChoice, log,
+          draw=None) -> Path | None:
+    """Write report.html (its figures drawn by ``draw``, default in this process); a failure here is reported but
+    never costs the Parquet report."""
+    from equiqc.workflows.html_report import draw_in_process, write_html_report
 
     meta = {"model": config.model, "method": config.method, "perturbation": config.perturbation_config().kind,
             "K": config.samples, "seed": config.seed, "calibration": calibration.summary}
     meta.update(provenance_summary(provenance))
     try:
-        return write_html_report(out_dir, meta=meta)
+        return write_html_report(out_dir, meta=meta, draw=draw or draw_in_process)
     except Exception as exc:
         log(f"equiqc: report.html could not be written ({type(exc).__name__}: {exc}); report.parquet is complete")
         return None
@@ -173,7 +175,9 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
         check_previous_run(out_dir, config, log)
         started = now_utc()
         own = handle is None
+        LOGGER.debug("phase: start")
         handle = handle or make_cluster(config)
+        LOGGER.debug("phase: cluster ready")
         try:
             provenance = environment(model, list(handle.client.run(device_description).values()), started, argv)
             record = {"manifest": str(Path(manifest).resolve()), "config": config.to_dict(),
@@ -183,18 +187,40 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
             if handle.dashboard:
                 log(f"Dask dashboard: {handle.dashboard}")
             rows = _execute(specs, out_dir, config, handle)
+            LOGGER.debug("phase: estimation done")
+            _crash_files(rows, out_dir)
+            computed = sum(1 for r in rows if r.pop("_computed", False))
+            partial = shard is not None or subjects is not None
+            provenance["finished"] = now_utc()
+            _write_json_atomic(out_dir / "run.json", record)
+            report = html_path = None
+            if not partial:  # the whole cohort: decide, and draw the report's figures on the cluster's workers
+                report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, log,
+                                            draw=cluster_drawing(handle))
+                LOGGER.debug("phase: report.html written")
         finally:
             if own:
                 handle.close()
-        _crash_files(rows, out_dir)
-        provenance["finished"] = now_utc()
-        _write_json_atomic(out_dir / "run.json", record)
-        computed = sum(1 for r in rows if r.pop("_computed", False))
-        if shard is not None or subjects is not None:
-            return RunSummary(rows, None, time.perf_counter() - start, computed, handle.dashboard, shard=shard,
-                              partial=True)
-        report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, log)
-    return RunSummary(rows, report, time.perf_counter() - start, computed, handle.dashboard, html=html_path)
+        LOGGER.debug("phase: cluster closed")
+    seconds = time.perf_counter() - start
+    if partial:
+        return RunSummary(rows, None, seconds, computed, handle.dashboard, shard=shard, partial=True)
+    return RunSummary(rows, report, seconds, computed, handle.dashboard, html=html_path)
+
+
+def cluster_drawing(handle: ClusterHandle):
+    """A ``draw`` for :func:`~equiqc.workflows.html_report.write_html_report`: one task per figure on the cluster's
+    workers (no GPU resource asked: figures need only the CPU and the stores)."""
+    from equiqc.workflows.html_report import draw_pair_figure
+
+    def draw(out_dir: Path, pair_ids: list[str]) -> dict[str, str | None]:
+        if not pair_ids:
+            return {}
+        futures = handle.client.map(draw_pair_figure, [str(out_dir)] * len(pair_ids), pair_ids,
+                                    key=[f"figure-{pid}" for pid in pair_ids], pure=False)
+        return dict(zip(pair_ids, handle.client.gather(futures), strict=True))
+
+    return draw
 
 
 def _crash_files(rows: list[dict], out_dir: Path) -> None:
@@ -208,8 +234,9 @@ def _crash_files(rows: list[dict], out_dir: Path) -> None:
 
 
 def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunConfig, provenance: dict,
-            calibration: CalibrationChoice, log) -> tuple[Path, Path | None]:
-    """The decision (expected errors, reasons, risk, people's ratings) and every report file of a whole cohort."""
+            calibration: CalibrationChoice, log, draw=None) -> tuple[Path, Path | None]:
+    """The decision (expected errors, reasons, risk, people's ratings) and every report file of a whole cohort
+    (report.html's figures drawn by ``draw``: see :func:`_html`)."""
     from equiqc.storage.decisions import decision_table, session_of, stored_ratings, write_decisions
     from equiqc.storage.results import consolidate
 
@@ -225,7 +252,8 @@ def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunC
     report, _ = write_report(rows, out_dir, metadata={"provenance": provenance, "config": config.to_dict(),
                                                       "calibration": calibration.to_record()})
     write_decisions(table, out_dir)
-    return report, _html(out_dir, config, provenance, calibration, log)
+    LOGGER.debug("phase: report.parquet and decisions written")
+    return report, _html(out_dir, config, provenance, calibration, log, draw)
 
 
 def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
