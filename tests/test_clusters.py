@@ -45,6 +45,20 @@ def readme_slurm_yaml() -> dict:
 # ------------------------------------------------------------------------------------------ keyword arguments
 
 
+def test_local_workers_keep_mid_size_arrays_off_mmap_and_distributed_still_trims():
+    handle = make_cluster(RunConfig(workers=1))
+    try:
+        env = list(handle.client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_",
+                                                                          "MALLOC_TRIM_THRESHOLD_")}).values())[0]
+    finally:
+        handle.close()
+    assert env == {"MALLOC_MMAP_THRESHOLD_": C.WORKER_ENVIRON["MALLOC_MMAP_THRESHOLD_"],
+                   "MALLOC_TRIM_THRESHOLD_": str(dask.config.get("distributed.nanny.pre-spawn-environ")[
+                       "MALLOC_TRIM_THRESHOLD_"])}
+    assert "MALLOC_MMAP_THRESHOLD_" not in dask.config.get("distributed.nanny.pre-spawn-environ")
+
+
+
 def test_single_machine_clusters_bind_to_localhost():
     kind, kw = cluster_kwargs(RunConfig(workers=3))
     assert kind == "local" and kw["n_workers"] == 3 and kw["threads_per_worker"] == 1
