@@ -60,8 +60,9 @@ def make_cohort(folder: Path, pairs: int, shape=(32, 32, 32), seed: int = 0) -> 
     noise = [gaussian_filter(rng.random(shape), 2).astype(np.float32) for _ in range(16)]
     rows = ["subject_id,source,target"]
     for i in range(pairs):
-        # distinct files (each hashed and stored), cheap to make: an atlas plus a mix of a few smooth fields
-        field = noise[i % 16] * (1 + (i // 16) % 7) * 0.02 + noise[(i * 7 + 3) % 16] * 0.05
+        # distinct files (each hashed and stored, none shared by content), cheap to make: the atlas plus a mix of a
+        # few smooth fields and a per-subject offset
+        field = noise[i % 16] * (1 + (i // 16) % 7) * 0.02 + noise[(i * 5 + 3) % 16] * 0.05 + i * 1e-4
         save_volume(folder / f"sub-{i:05d}.nii", atlas + field.astype(np.float32), affine)
         rows.append(f"sub-{i:05d},sub-{i:05d}.nii,atlas.nii")
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")

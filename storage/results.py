@@ -18,9 +18,10 @@ derived when a pair is opened, not stored as arrays: every Zarr array costs abou
 five coordinate arrays per pair were a third of a pair's cost outside the model at cohort scale. Each array
 carries CF-style ``units`` (UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel indices) and a ``long_name``.
 
-The root's consolidated metadata is rewritten at the end of every run and report (:func:`consolidate`), so
-``xarray.open_zarr(root, group=PAIR)`` opens without a warning; equiqc itself always reads the store as it is
-on disk.
+No consolidated metadata is written: at cohort scale it cost the client about 5 ms per pair at the end of every
+run (10 s for 2,000 pairs) and made the root ``zarr.json`` grow with every pair (kilobytes each), which every
+consolidated open then parses whole. A pair is opened from its own metadata (:func:`open_pair`); a plain
+``xarray.open_zarr(root, group=PAIR, consolidated=False)`` does the same without coordinate values.
 
 A pair is complete only when its marker (group attribute ``equiqc_complete``: model, method, perturbation
 config, K, seed, package version, input hash) is written *after* all its arrays. Arrays without a marker are
@@ -93,8 +94,8 @@ def open_results(root: str | Path) -> zarr.Group:
 
 
 def _open(root: str | Path, mode: str = "r") -> zarr.Group:
-    """The store as it is on disk: never through the consolidated metadata, which only describes the pairs
-    that existed at the last :func:`consolidate` (other runs or shards may have written since)."""
+    """The store as it is on disk (never through consolidated metadata, which stores written by earlier versions
+    hold and which only describes the pairs that existed when it was written)."""
     return zarr.open_group(str(root), mode=mode, use_consolidated=False)
 
 
@@ -103,18 +104,6 @@ def _pair(root: str | Path, pair_id: str, mode: str = "r") -> zarr.Group:
     if not pair_id or "/" in pair_id or pair_id.startswith("."):
         raise KeyError(pair_id)
     return zarr.open_group(str(Path(root) / pair_id), mode=mode, zarr_format=3, use_consolidated=False)
-
-
-def consolidate(root: str | Path) -> None:
-    """Write the store's consolidated metadata (the root ``zarr.json`` then describes every pair and array), so
-    ``xarray.open_zarr(root, group=PAIR)`` and :func:`open_cohort_results` open without listing the store. Done
-    by the client at the end of every run and report. Zarr warns that consolidated metadata is not yet part of
-    the Zarr v3 specification (zarr-python and xarray read it); that warning is expected here and silenced."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(str(root))
 
 
 def status(root: str | Path, pair_id: str, config: dict | None = None, input_hash: str | None = None) -> str:
@@ -254,24 +243,21 @@ def open_pair(root: str | Path, pair_id: str):
     import xarray as xr
 
     _, attrs = read_array(root, pair_id, "std_mm")  # a clear ResultNotFound for a wrong pair id or store
-    try:
-        ds = xr.open_zarr(str(root), group=pair_id, consolidated=True)
-    except (KeyError, ValueError, FileNotFoundError):  # not consolidated yet (a run still writing)
-        ds = xr.open_zarr(str(root), group=pair_id, consolidated=False)
+    ds = xr.open_zarr(str(root), group=pair_id, consolidated=False)
     return with_coordinates(ds, attrs["affine"])
 
 
 def open_cohort_results(root: str | Path):
     """Every pair's results as one ``xarray.DataTree`` (lazy): ``tree[PAIR_ID]`` is :func:`open_pair`'s Dataset,
-    the node's attributes hold its affine and completion marker. Reads the consolidated metadata written at the
-    end of each run, so opening does not list the store."""
+    the node's attributes hold its affine and completion marker. Lists the store and reads every pair's metadata
+    (a few milliseconds per pair); the arrays themselves are read lazily."""
     import xarray as xr
 
     try:
         _open(root)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise ResultNotFound(f"no result store at {root}; run `equiqc run` first") from None
-    tree = xr.open_datatree(str(root), engine="zarr", consolidated=True, chunks={})
+    tree = xr.open_datatree(str(root), engine="zarr", consolidated=False, chunks={})
     return tree.map_over_datasets(lambda ds: with_coordinates(ds, ds.attrs["affine"]) if "affine" in ds.attrs
                                   else ds)
 

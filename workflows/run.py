@@ -238,10 +238,7 @@ def _finish(rows: list[dict], specs: list[PairSpec], out_dir: Path, config: RunC
     """The decision (expected errors, reasons, risk, people's ratings) and every report file of a whole cohort
     (report.html's figures drawn by ``draw``: see :func:`_html`)."""
     from equiqc.storage.decisions import decision_table, session_of, stored_ratings, write_decisions
-    from equiqc.storage.results import consolidate
 
-    if (out_dir / "results.zarr").exists():
-        consolidate(out_dir / "results.zarr")  # xarray then opens any pair without listing the store
     apply_calibration(rows, calibration.calibration)
     decide(rows, config.decision_rules())
     ratings = stored_ratings(out_dir)
