@@ -10,6 +10,7 @@ and error of any known law can be injected on top of it.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -125,6 +126,15 @@ class ZeroDisplacement(torch.nn.Module):
 
     def forward(self, source: Tensor, target: Tensor) -> Tensor:
         return torch.zeros(source.shape[0], source.dim() - 2, *target.shape[2:], dtype=source.dtype)
+
+
+class SlowZeroDisplacement(ZeroDisplacement):
+    """:class:`ZeroDisplacement` whose every forward takes 40 ms (sleeping, as a GPU kernel would leave the CPU free):
+    long estimation tasks against which a run's other tasks can be seen to overlap."""
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        time.sleep(0.04)
+        return super().forward(source, target)
 
 
 class Exploding(torch.nn.Module):

@@ -21,12 +21,13 @@ import pandas as pd
 import pytest
 import yaml
 from cohorts import NEAR_FREE_MODEL, TESTS, tiny_cohort
-from distributed import LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from equiqc.storage.locks import LOCK_DIR, Lease, RunLocked
 from equiqc.workflows import cluster as C
 from equiqc.workflows.cli import main
-from equiqc.workflows.cluster import cluster_kwargs, connect, make_cluster
+from equiqc.storage.results import read_array
+from equiqc.workflows.cluster import ClusterHandle, cluster_kwargs, connect, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig
 from equiqc.workflows.demo import build_demo_cohort
 from equiqc.workflows.run import parse_shard, rebuild_report, run_cohort, select_shard, shard_of
@@ -65,6 +66,7 @@ def test_single_machine_clusters_bind_to_localhost():
     assert kw["host"] == "127.0.0.1" and kw["dashboard_address"].startswith("127.0.0.1")
     kind, kw = cluster_kwargs(RunConfig(cluster="cuda", cluster_options={"CUDA_VISIBLE_DEVICES": "0,1"}))
     assert kind == "cuda" and kw["resources"] == {"GPU": 1} and kw["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert kw["threads_per_worker"] == 2  # one holds the GPU, the other ingests and writes
 
 
 def test_jobqueue_gets_only_what_the_user_set():
@@ -72,10 +74,10 @@ def test_jobqueue_gets_only_what_the_user_set():
     assert (kind, kw) == ("slurm", {"queue": "gpu", "walltime": "02:00:00"})  # no host, cores, memory, processes
 
 
-def test_gpu_jobs_one_thread_one_gpu_and_the_cores_still_booked():
+def test_gpu_jobs_two_threads_one_gpu_and_the_cores_still_booked():
     config = RunConfig(cluster="slurm", gpus_per_worker=1, cluster_options={"cores": 4, "memory": "32GB"})
     _, kw = cluster_kwargs(config)
-    assert kw["cores"] == 1 and kw["processes"] == 1 and kw["job_cpu"] == 4
+    assert kw["cores"] == C.GPU_WORKER_THREADS == 2 and kw["processes"] == 1 and kw["job_cpu"] == 4
     assert kw["job_extra_directives"] == ["--gres=gpu:1"] and kw["worker_extra_args"][-2:] == ["--resources", "GPU=1"]
     _, kw = cluster_kwargs(RunConfig(cluster="pbs", gpus_per_worker=1, cluster_options={"cores": 8, "memory": "16GB"}))
     assert kw["resource_spec"].startswith("select=1:ncpus=8:mem=") and kw["resource_spec"].endswith(":ngpus=1")
@@ -146,7 +148,7 @@ def test_dry_run_renders_readme_slurm_yaml_with_gpus_and_a_reachable_scheduler(c
         assert line in script, line
     assert script.count("--gres") == 1  # README's own directive is kept, not doubled
     worker = next(line for line in script.splitlines() if "distributed.cli.dask_worker" in line)
-    assert "--nthreads 1" in worker and "--resources GPU=1" in worker
+    assert "--nthreads 2" in worker and "--resources GPU=1" in worker
     address = re.search(r"dask_worker (\S+)", worker).group(1)
     assert address.startswith("tcp://") and not LOOPBACK.match(address), address
 
@@ -195,11 +197,39 @@ def test_end_to_end_through_dask_jobqueue_local_cluster_with_gpu_resources(manif
         assert handle.gpu
         handle.client.wait_for_workers(1, timeout=120)
         workers = handle.client.scheduler_info()["workers"].values()
-        assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
+        assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == C.GPU_WORKER_THREADS for w in workers)
         summary = run_cohort(manifest, tmp_path / "out", config, handle)
     finally:
         handle.close()
     assert [r["status"] for r in summary.rows] == ["complete", "complete"]
+
+
+@pytest.mark.slow
+def test_gpu_workers_overlap_ingest_and_writes_with_estimation_and_match_the_cpu_run(tmp_path, near_free_env):
+    """GPU-shaped workers (two threads, one GPU resource; the resource, not the device, shapes the graph): estimation
+    tasks never run two at a time on a worker, the other thread ingests and writes meanwhile, and every pair's
+    result equals the one-task-per-pair CPU run's."""
+    manifest = tiny_cohort(tmp_path / "cohort", pairs=6)
+    config = RunConfig(samples=4, model="python:doubles:SlowZeroDisplacement", calibration="none")
+    with LocalCluster(n_workers=1, threads_per_worker=C.GPU_WORKER_THREADS, resources=dict(C.GPU_RESOURCE),
+                      processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, Client(cluster) as client:
+        with get_task_stream(client) as stream:
+            gpu = run_cohort(manifest, tmp_path / "gpu", config, ClusterHandle(client, None, True))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        cpu = run_cohort(manifest, tmp_path / "cpu", config, ClusterHandle(client, None, False))
+    assert [r["status"] for r in gpu.rows] == [r["status"] for r in cpu.rows] == ["complete"] * 6
+    for row in gpu.rows:
+        a, _ = read_array(tmp_path / "gpu" / "results.zarr", row["pair_id"], "std_mm")
+        b, _ = read_array(tmp_path / "cpu" / "results.zarr", row["pair_id"], "std_mm")
+        np.testing.assert_array_equal(a, b)
+    spans = {kind: [(s["start"], s["stop"]) for t in stream.data if t["key"].startswith(kind + "-")
+                    for s in t["startstops"] if s["action"] == "compute"] for kind in ("ingest", "estimate", "write")}
+    assert len(spans["estimate"]) == len(spans["write"]) == len(spans["ingest"]) == 6
+    estimates = sorted(spans["estimate"])
+    assert all(a[1] <= b[0] for a, b in zip(estimates, estimates[1:], strict=False))  # one at a time on the GPU
+    overlapping = [s for s in spans["ingest"] + spans["write"] if any(s[0] < e[1] and e[0] < s[1] for e in estimates)]
+    assert overlapping  # the second thread worked while the GPU was busy
 
 
 @pytest.mark.slow

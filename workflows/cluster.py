@@ -5,15 +5,16 @@
   worker is on this machine). On a machine with CUDA GPUs it runs one worker (on GPU 0) and says to use
   ``cuda``; asking it for more workers there is refused, since they would all share GPU 0.
 * ``cuda``: ``dask_cuda.LocalCUDACluster``, one worker per GPU, each advertising the resource ``GPU=1``
-  (estimation tasks ask for it); needs ``pip install 'equiqc[gpu]'`` on a machine with CUDA.
+  (estimation tasks ask for it) and running two threads (the second ingests, summarises and writes while the
+  first holds the GPU); needs ``pip install 'equiqc[gpu]'`` on a machine with CUDA.
 * ``slurm`` / ``pbs``: ``dask_jobqueue.SLURMCluster`` / ``PBSCluster``, scaled to ``--workers`` jobs. Only the
   options the user set in ``cluster_options`` are passed; everything else comes from dask-jobqueue's own
   configuration (``~/.config/dask/jobqueue.yaml``: ``interface``, queue, account, cores, memory...), and the
   scheduler listens where dask-jobqueue puts it (the ``interface``, else this host's address): never on a
   loopback address, which workers on compute nodes could not reach. With ``gpus_per_worker: 1`` each job
-  requests one GPU (SLURM ``--gres=gpu:1``; PBS ``ngpus=1`` in the resource spec), runs one worker with one
-  thread (the job still books the ``cores`` asked for: SLURM ``--cpus-per-task``, PBS ``ncpus``), and the
-  worker advertises ``--resources GPU=1``. Needs ``pip install 'equiqc[cluster]'``.
+  requests one GPU (SLURM ``--gres=gpu:1``; PBS ``ngpus=1`` in the resource spec), runs one worker with two
+  threads as on ``cuda`` (the job still books the ``cores`` asked for: SLURM ``--cpus-per-task``, PBS ``ncpus``;
+  book at least 2), and the worker advertises ``--resources GPU=1``. Needs ``pip install 'equiqc[cluster]'``.
 * ``--scheduler tcp://host:port``: an existing cluster; nothing is created. GPU tasks (``--cluster cuda`` or
   ``gpus_per_worker``) need workers started with ``--resources GPU=1``; the run checks that some worker
   advertises it and otherwise says how to start them.
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 from equiqc.workflows.config import ConfigError, RunConfig
 
 GPU_RESOURCE = {"GPU": 1}
+# Threads of a GPU worker: one holds the GPU (estimation tasks ask for the one GPU resource), the other ingests
+# the next pairs and summarises and writes the previous ones meanwhile (equiqc.workflows.tasks).
+GPU_WORKER_THREADS = 2
 # Environment of the worker processes that local and cuda clusters start, on top of distributed's own
 # (``distributed.nanny.pre-spawn-environ``). distributed sets MALLOC_TRIM_THRESHOLD_=65536 to hand memory back to
 # the system; setting it also freezes glibc's mmap threshold at 128 KiB, so every array of a 32^3 volume or more
@@ -94,13 +98,13 @@ def _local_workers(config: RunConfig) -> int:
 def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
     """The class to build and its keyword arguments (separate so tests can assert them without hardware)."""
     opts = dict(config.cluster_options)
-    if config.cluster in ("local", "cuda"):  # one machine: bound to localhost, one thread per worker
+    if config.cluster in ("local", "cuda"):  # one machine: bound to localhost
         kwargs = {"host": opts.pop("host", "127.0.0.1"),
                   "dashboard_address": opts.pop("dashboard_address", config.dashboard_address),
                   "threads_per_worker": 1}
         if config.cluster == "local":
             return "local", {**kwargs, "n_workers": _local_workers(config), "processes": True, **opts}
-        kwargs = {**kwargs, "resources": dict(GPU_RESOURCE), **opts}
+        kwargs = {**kwargs, "threads_per_worker": GPU_WORKER_THREADS, "resources": dict(GPU_RESOURCE), **opts}
         if config.workers:
             kwargs.setdefault("n_workers", config.workers)
         return "cuda", kwargs
@@ -111,9 +115,9 @@ def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
         processes = kwargs.get("processes") or _jobqueue_default(kind, "processes") or 1
         if processes != 1:
             raise ConfigError(f"cluster_options processes={processes} with gpus_per_worker: each GPU job runs one "
-                              "worker (one GPU, one thread); leave processes at 1 and scale the number of jobs "
+                              "worker (one GPU, two threads); leave processes at 1 and scale the number of jobs "
                               "with --workers")
-        kwargs = {**kwargs, "cores": 1, "processes": 1}
+        kwargs = {**kwargs, "cores": GPU_WORKER_THREADS, "processes": 1}  # threads of the worker, not CPUs booked
         extra = list(kwargs.get("worker_extra_args") or _jobqueue_default(kind, "worker-extra-args") or [])
         kwargs["worker_extra_args"] = [*extra, "--resources", "GPU=1"]
         if kind == "slurm":
@@ -205,7 +209,7 @@ def connect(address: str, gpu: bool, timeout_s: float = 30.0):
             raise ConfigError(
                 f"--scheduler {address}: the estimation tasks need the GPU resource, but none of its "
                 f"{len(workers)} workers advertises it; start one worker per GPU with "
-                f"`CUDA_VISIBLE_DEVICES=i dask worker {address} --nthreads 1 --resources GPU=1` "
+                f"`CUDA_VISIBLE_DEVICES=i dask worker {address} --nthreads {GPU_WORKER_THREADS} --resources GPU=1` "
                 f"(or dask-cuda's `dask cuda worker {address} --resources GPU=1`), or drop --cluster cuda / "
                 "gpus_per_worker to run on CPU workers")
     return client

@@ -12,9 +12,10 @@ Output folder layout (``DIR``)::
                          equiqc.workflows.calibrate)
     DIR/.equiqc-locks/   the leases of the runs writing here (storage.locks)
 
-The graph is built with ``client.submit``: each pair's estimation task depends on its ingest task, so a
-pair starts as soon as its own files are in Zarr. Estimation asks for the ``GPU`` resource on GPU clusters.
-Tasks lost with a worker are retried (``retries``); a pair that raises becomes a failed row. Re-running
+The graph is built with ``client.submit``, one task per pair on CPU workers and, on GPU workers, an ingest, an
+estimation (asking for the ``GPU`` resource) and a write task per pair, so that loading and writing overlap the
+GPU's work (:mod:`equiqc.workflows.tasks`). Tasks lost with a worker are retried (``retries``); a pair that
+raises becomes a failed row. Re-running
 the same command skips pairs whose completion marker matches (resume).
 """
 
@@ -40,11 +41,11 @@ from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
 from equiqc.storage.results import LEVEL_KEY, RECOMPUTE_KEYS, differing_keys
 from equiqc.workflows.calibrate import CalibrationChoice, choose_calibration
-from equiqc.workflows.cluster import ClusterHandle, make_cluster
+from equiqc.workflows.cluster import GPU_RESOURCE, ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
-from equiqc.workflows.tasks import estimate_task, ingest_task
+from equiqc.workflows.tasks import estimate_task, ingest_task, pair_task, write_task
 
 
 @dataclass
@@ -302,24 +303,25 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
 
     open_cohort(store)  # create the groups once, before workers write pairs into them
     open_results(results)
-    resources = {"GPU": 1} if handle.gpu else None
     config_dict = config.to_dict()
-    futures, ingests = {}, {}
-    for spec in specs:
-        ingest = client.submit(ingest_task, spec, store, config.max_voxels, key=f"ingest-{spec.pair_id}",
-                               retries=config.retries, pure=False)
-        ingests[ingest] = spec
-        futures[client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict,
-                              key=f"estimate-{spec.pair_id}", resources=resources, retries=config.retries,
-                              pure=False)] = spec
+    futures = {}
+    for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
+        pid = spec.pair_id
+        if handle.gpu:
+            ingest = client.submit(ingest_task, spec, store, config.max_voxels, key=f"ingest-{pid}",
+                                   retries=config.retries, pure=False)
+            estimate = client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict, write=False,
+                                     key=f"estimate-{pid}", resources=dict(GPU_RESOURCE), retries=config.retries,
+                                     pure=False)
+            final = client.submit(write_task, estimate, results, config_dict, key=f"write-{pid}", priority=1,
+                                  retries=config.retries, pure=False)
+        else:
+            final = client.submit(pair_task, spec, store, results, config_dict, key=f"pair-{pid}",
+                                  retries=config.retries, pure=False)
+        futures[final] = spec
     rows: dict[str, dict] = {}
-    ingested = 0
     with progress_bar(len(specs), "pairs") as bar:
-        for future in as_completed(list(ingests) + list(futures)):
-            if future in ingests:
-                ingested += 1
-                bar.set_postfix(ingested=ingested, refresh=False)
-                continue
+        for future in as_completed(list(futures)):
             spec = futures[future]
             try:
                 row = future.result()

@@ -1,4 +1,16 @@
-"""What runs on the workers: ingest one pair, estimate one pair. Only paths and small rows travel.
+"""What runs on the workers: ingest one pair, estimate one pair, write its results. Only paths and small rows
+travel between machines.
+
+Two graph shapes (:func:`equiqc.workflows.run._execute` chooses):
+
+* CPU workers (one thread each): one task per pair, :func:`pair_task` = ingest, estimate, summarise, write, one
+  after another; a second task per pair would only add scheduler work (about 10 ms of the client's CPU per task
+  on a 2-core machine) and a transfer of the ingest outcome between workers.
+* GPU workers (two threads, one ``GPU`` resource): three tasks per pair, so the GPU never waits for the CPU:
+  :func:`ingest_task` and :func:`write_task` (summaries and Zarr writes) run on the worker's second thread while
+  :func:`estimate_task` (read, forwards, statistics) holds the GPU; the estimate stays in the worker's memory
+  (:class:`Estimated`) until its write task, which Dask runs on the same worker (its dependency is there) and
+  ahead of further ingests (priority).
 
 The model is loaded once per worker process (``_BACKENDS``), on that worker's device (the GPU dask-cuda
 pinned it to, else the CPU), and reused by every estimation task the worker runs.
@@ -7,15 +19,17 @@ pinned it to, else the CPU), and reused by every estimation task the worker runs
 from __future__ import annotations
 
 import math
+import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import equiqc
 from equiqc.pipeline.backends.registry import load_backend
-from equiqc.pipeline.estimator import estimate_uncertainty
+from equiqc.pipeline.estimator import UncertaintyResult, estimate_uncertainty
 from equiqc.pipeline.perturbations import pair_seed
 from equiqc.pipeline.scores import pair_summary
 from equiqc.storage import results as R
@@ -76,14 +90,38 @@ def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, 
             "runtime_s": marker["runtime_s"], "_computed": False}
 
 
+@dataclass
+class Estimated:
+    """A pair estimated but not yet summarised and written (held in a GPU worker's memory between
+    :func:`estimate_task` and :func:`write_task`); ``seconds``: the estimation's wall time."""
+
+    outcome: IngestOutcome
+    subject_id: str
+    result: UncertaintyResult
+    stored: dict
+    seconds: float
+
+
+def _failed(outcome: IngestOutcome, row: dict, results_root: str, key: dict) -> dict:
+    """The failed row of the exception being handled; the failure is kept in the result store too, so `equiqc
+    report` (of every shard) still gives the reason."""
+    error, trace = f"{type(sys.exc_info()[1]).__name__}: {sys.exc_info()[1]}", traceback.format_exc()
+    try:
+        R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, trace)
+    except Exception:  # the store itself is failing: the row below still carries the error
+        pass
+    return {**row, "status": "failed", "error": error, "_computed": True, "_traceback": trace}
+
+
 def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, results_root: str,
-                  config_dict: dict) -> dict:
-    """Estimate one pair and write its results; returns its report row. Never raises for a bad pair."""
+                  config_dict: dict, write: bool = True) -> dict | Estimated:
+    """Estimate one pair; with ``write``, also summarise and write it and return its report row, else return the
+    :class:`Estimated` pair for :func:`write_task`. A pair that failed ingest, or whose result is already complete,
+    is returned as its row at once. Never raises for a bad pair (its row says why)."""
     config = config_from_record(config_dict)
     row = base_row(outcome, subject_id, config)
     if outcome.status == "failed":
         return {**row, "status": "failed", "error": outcome.error, "_computed": False}
-    key = config.result_key()
     done = row_from_marker(outcome, subject_id, results_root, config)
     if done is not None:
         return done
@@ -93,20 +131,38 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         src, tgt = stored["source"], stored["target"]
         result = estimate_uncertainty(get_backend(config), src.data, tgt.data, src.affine, tgt.affine,
                                       config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id))
+        estimated = Estimated(outcome, subject_id, result, stored, time.perf_counter() - start)
+    except Exception:  # one bad pair never stops the cohort: report it and carry on
+        return _failed(outcome, row, results_root, config.result_key())
+    return write_task(estimated, results_root, config_dict) if write else estimated
+
+
+def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict) -> dict:
+    """Summarise an estimated pair and write its results (arrays, then the completion marker); returns its report
+    row (a row passes through unchanged). Never raises for a bad pair."""
+    if isinstance(estimated, dict):
+        return estimated
+    config = config_from_record(config_dict)
+    outcome, stored, result = estimated.outcome, estimated.stored, estimated.result
+    row = base_row(outcome, estimated.subject_id, config)
+    try:
+        start = time.perf_counter()
+        src, tgt = stored["source"], stored["target"]
         region = stored["target_mask"].data > 0 if "target_mask" in stored else None
         truth = stored["ground_truth"].data if "ground_truth" in stored else None
         summary = pair_summary(result, src.affine, region, label_masks(stored, config), truth,
                                source_shape=src.data.shape, source=src.data, target=tgt.data)
-        runtime = time.perf_counter() - start
-        R.write_result(results_root, outcome.pair_id, result, tgt.affine, key, outcome.input_hash,
+        runtime = estimated.seconds + time.perf_counter() - start
+        R.write_result(results_root, outcome.pair_id, result, tgt.affine, config.result_key(), outcome.input_hash,
                        extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
                               "timings_s": result.timings_s, "source_affine": src.affine.tolist()},
                        overwrite=config.overwrite, level=config.store)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
-    except Exception as exc:  # one bad pair never stops the cohort: report it and carry on
-        error, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-        try:  # kept in the result store, so `equiqc report` (of every shard) still gives the reason
-            R.write_failure(results_root, outcome.pair_id, key, outcome.input_hash, error, trace)
-        except Exception:  # the store itself is failing: the row below still carries the error
-            pass
-        return {**row, "status": "failed", "error": error, "_computed": True, "_traceback": trace}
+    except Exception:
+        return _failed(outcome, row, results_root, config.result_key())
+
+
+def pair_task(spec: PairSpec, cohort_store: str, results_root: str, config_dict: dict) -> dict:
+    """Ingest, estimate and write one pair in one task (CPU workers); returns its report row."""
+    outcome = ingest_pair(spec, cohort_store, config_from_record(config_dict).max_voxels)
+    return estimate_task(outcome, spec.subject_id, cohort_store, results_root, config_dict)
