@@ -177,6 +177,15 @@ def input_hashes(spec: PairSpec) -> tuple[dict[str, str], str]:
     return hashes, hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()
 
 
+@dataclass
+class StoredVolume:
+    """A volume read back from the cohort store (RAS+ array order) with its attributes."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    attrs: dict
+
+
 def _pairs(store: str | Path, mode: str = "r+") -> zarr.Group:
     """The store's ``pairs`` group, opened directly (cheaper than the root and then the child)."""
     return zarr.open_group(str(Path(store) / "pairs"), mode=mode, zarr_format=3)
@@ -185,6 +194,14 @@ def _pairs(store: str | Path, mode: str = "r+") -> zarr.Group:
 def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
     """Ingest one pair into ``store`` (idempotent); never raises for a bad input file. Pairs may be ingested side by
     side once the store exists (:func:`open_cohort`, which a run calls before its workers start)."""
+    return ingest_and_keep(spec, store, max_voxels)[0]
+
+
+def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = None
+                    ) -> tuple[IngestOutcome, dict[str, StoredVolume] | None]:
+    """:func:`ingest_pair`, also returning the pair's volumes as :func:`read_pair` would read them back (same
+    arrays, dtypes and attributes), so a task that ingests and then estimates need not read them again; None when
+    nothing was loaded (a pair already ingested, or a failed one)."""
     if not (Path(store) / "pairs" / "zarr.json").exists():
         open_cohort(store)
     pairs = _pairs(store)
@@ -192,22 +209,23 @@ def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None
         hashes, input_hash = input_hashes(spec)
     except OSError as exc:
         missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
-        return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None)
+        return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None), None
     if (Path(store) / "pairs" / spec.pair_id / "zarr.json").exists():
         attrs = dict(pairs[spec.pair_id].attrs)
         if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):
             return IngestOutcome(spec.pair_id, "unchanged" if attrs["status"] == "ok" else "failed",
-                                 attrs.get("error"), input_hash)
+                                 attrs.get("error"), input_hash), None
     try:
         loaded = load_pair(spec, max_voxels)
     except VolumeError as exc:
-        return _record_failure(pairs, spec, str(exc), input_hash)
-    shared, own = {}, {}
+        return _record_failure(pairs, spec, str(exc), input_hash), None
+    shared, own, kept = {}, {}, {}
     for role, (data, vol) in loaded.items():
         attrs = {"affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
                  "original_shape": list(vol.original_shape), "orientation": list(vol.orientation),
                  "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
                  "header": vol.header}
+        kept[role] = StoredVolume(data, np.asarray(attrs["affine"]), attrs)
         if role == "ground_truth":  # depends on both grids of this pair: not shared
             own[role] = (data, attrs)
         else:
@@ -221,7 +239,7 @@ def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None
         _write_array(group, role, data, attrs)
     if own:
         group.attrs.update(done)
-    return IngestOutcome(spec.pair_id, "ingested", None, input_hash)
+    return IngestOutcome(spec.pair_id, "ingested", None, input_hash), kept
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
@@ -251,15 +269,6 @@ def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: s
                                                                  "input_hash": input_hash,
                                                                  "subject_id": spec.subject_id})
     return IngestOutcome(spec.pair_id, "failed", error, input_hash)
-
-
-@dataclass
-class StoredVolume:
-    """A volume read back from the cohort store (RAS+ array order) with its attributes."""
-
-    data: np.ndarray
-    affine: np.ndarray
-    attrs: dict
 
 
 def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = None) -> dict[str, StoredVolume]:

@@ -24,9 +24,9 @@ from cohorts import NEAR_FREE_MODEL, TESTS, tiny_cohort
 from distributed import Client, LocalCluster, get_task_stream
 
 from equiqc.storage.locks import LOCK_DIR, Lease, RunLocked
+from equiqc.storage.results import read_array
 from equiqc.workflows import cluster as C
 from equiqc.workflows.cli import main
-from equiqc.storage.results import read_array
 from equiqc.workflows.cluster import ClusterHandle, cluster_kwargs, connect, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig
 from equiqc.workflows.demo import build_demo_cohort
@@ -46,17 +46,20 @@ def readme_slurm_yaml() -> dict:
 # ------------------------------------------------------------------------------------------ keyword arguments
 
 
-def test_local_workers_keep_mid_size_arrays_off_mmap_and_distributed_still_trims():
+def test_local_workers_keep_mid_size_arrays_off_mmap_and_run_no_profiler():
     handle = make_cluster(RunConfig(workers=1))
     try:
         env = list(handle.client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_",
                                                                           "MALLOC_TRIM_THRESHOLD_")}).values())[0]
+        profiling = list(handle.client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values())
     finally:
         handle.close()
+    assert profiling == [False]
     assert env == {"MALLOC_MMAP_THRESHOLD_": C.WORKER_ENVIRON["MALLOC_MMAP_THRESHOLD_"],
                    "MALLOC_TRIM_THRESHOLD_": str(dask.config.get("distributed.nanny.pre-spawn-environ")[
                        "MALLOC_TRIM_THRESHOLD_"])}
     assert "MALLOC_MMAP_THRESHOLD_" not in dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert dask.config.get("distributed.worker.profile.enabled")  # this process's configuration is left alone
 
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import os
 import warnings
 
@@ -17,7 +19,7 @@ import zarr
 from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.moments import components
 from equiqc.storage import results as R
-from equiqc.storage.cohort import ingest_pair, open_cohort, pair_status, read_pair
+from equiqc.storage.cohort import ingest_and_keep, ingest_pair, open_cohort, pair_status, read_pair
 from equiqc.storage.export import export_array
 from equiqc.storage.manifest import ManifestError, derive_pair_id, read_manifest
 from equiqc.storage.report import SCHEMA, write_report
@@ -111,8 +113,16 @@ def test_ingest_round_trip_keeps_geometry_and_export_restores_the_original_grid(
                       header="subject_id,source,target,target_mask")
     spec = read_manifest(m)[0]
     store, res = tmp_path / "cohort.zarr", tmp_path / "results.zarr"
-    assert ingest_pair(spec, store).status == "ingested"
+    outcome, kept = ingest_and_keep(spec, store)
+    assert outcome.status == "ingested"
     stored = read_pair(store, spec.pair_id)
+    assert set(kept) == set(stored) == {"source", "target", "target_mask"}
+    for role, volume in kept.items():  # what ingest keeps is what a read gives back
+        assert volume.data.dtype == stored[role].data.dtype
+        np.testing.assert_array_equal(volume.data, stored[role].data)
+        np.testing.assert_array_equal(volume.affine, stored[role].affine)
+        assert json.loads(json.dumps(volume.attrs)) == stored[role].attrs
+    assert ingest_and_keep(spec, store) == (dataclasses.replace(outcome, status="unchanged"), None)
     target = stored["target"]
     assert target.attrs["orientation"] == ["L", "P", "S"]
     canonical = nib.as_closest_canonical(nib.load(str(tmp_path / "tgt.nii.gz")))

@@ -33,7 +33,7 @@ from equiqc.pipeline.estimator import UncertaintyResult, estimate_uncertainty
 from equiqc.pipeline.perturbations import pair_seed
 from equiqc.pipeline.scores import pair_summary
 from equiqc.storage import results as R
-from equiqc.storage.cohort import IngestOutcome, ingest_pair, read_pair
+from equiqc.storage.cohort import IngestOutcome, ingest_and_keep, ingest_pair, read_pair
 from equiqc.storage.manifest import PairSpec
 from equiqc.workflows.config import RunConfig, config_from_record
 
@@ -114,10 +114,12 @@ def _failed(outcome: IngestOutcome, row: dict, results_root: str, key: dict) -> 
 
 
 def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, results_root: str,
-                  config_dict: dict, write: bool = True) -> dict | Estimated:
+                  config_dict: dict, write: bool = True, stored: dict | None = None) -> dict | Estimated:
     """Estimate one pair; with ``write``, also summarise and write it and return its report row, else return the
     :class:`Estimated` pair for :func:`write_task`. A pair that failed ingest, or whose result is already complete,
-    is returned as its row at once. Never raises for a bad pair (its row says why)."""
+    is returned as its row at once. ``stored``: the pair's volumes when the caller has them (as
+    :func:`~equiqc.storage.cohort.read_pair` gives them), else they are read from the cohort store. Never raises for
+    a bad pair (its row says why)."""
     config = config_from_record(config_dict)
     row = base_row(outcome, subject_id, config)
     if outcome.status == "failed":
@@ -127,7 +129,7 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         return done
     try:
         start = time.perf_counter()
-        stored = read_pair(cohort_store, outcome.pair_id)
+        stored = stored or read_pair(cohort_store, outcome.pair_id)
         src, tgt = stored["source"], stored["target"]
         result = estimate_uncertainty(get_backend(config), src.data, tgt.data, src.affine, tgt.affine,
                                       config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id))
@@ -163,6 +165,7 @@ def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict
 
 
 def pair_task(spec: PairSpec, cohort_store: str, results_root: str, config_dict: dict) -> dict:
-    """Ingest, estimate and write one pair in one task (CPU workers); returns its report row."""
-    outcome = ingest_pair(spec, cohort_store, config_from_record(config_dict).max_voxels)
-    return estimate_task(outcome, spec.subject_id, cohort_store, results_root, config_dict)
+    """Ingest, estimate and write one pair in one task (CPU workers), the volumes just ingested used as they are;
+    returns its report row."""
+    outcome, volumes = ingest_and_keep(spec, cohort_store, config_from_record(config_dict).max_voxels)
+    return estimate_task(outcome, spec.subject_id, cohort_store, results_root, config_dict, stored=volumes)
