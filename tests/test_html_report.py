@@ -33,6 +33,11 @@ def chromium() -> str:
     return exe
 
 
+def table_rows(page: str) -> list[dict]:
+    """The pairs table's rows as the page carries them (JSON its script renders a page at a time)."""
+    return json.loads(re.search(r'<script id="rows" type="application/json">(.*?)</script>', page, re.S).group(1))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("html")
@@ -55,7 +60,8 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_report_html_is_complete_and_its_figures_are_files(run_dir):
     page = (run_dir / "report.html").read_text()
-    assert "<table id=\"pairs\">" in page and page.count("<tr class=") == 4
+    rows = table_rows(page)
+    assert "<table id=\"pairs\">" in page and len(rows) == 4
     assert "missing.nii.gz: file not found" in page  # failed pair with its reason
     assert "data:image/png;base64," in page and "src='http" not in page and 'src="http' not in page
     assert "uncertainty vs true error" in page and "std_mm (mm)" not in page[:200]
@@ -68,7 +74,8 @@ def test_report_html_is_complete_and_its_figures_are_files(run_dir):
         figure = run_dir / "figures" / f"{pid}.png"
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"loading='lazy' width='800' height='760' src='figures/{pid}.png'" in page
-        assert f"<a href='#pair-{pid}'>{pid}</a>" in page  # its table row links to the figure
+        row = next(r for r in rows if r["p"] == pid)
+        assert f"<td><a href='#pair-{pid}'>{pid}</a></td>" in row["t"]  # its table row links to the figure
 
 
 @pytest.mark.slow
@@ -85,8 +92,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         assert decoded[1] >= 3 and decoded[0] == decoded[1], f"{decoded[0]}/{decoded[1]} images decoded"
         # the filters: failed pairs only, then a text that matches one pair
         counts = tools.evaluate(session, """(() => {
-            const visible = () => [...document.querySelectorAll('#pairs tbody tr')].filter(
-                r => r.style.display !== 'none').length;
+            const visible = () => document.querySelectorAll('#pairs tbody tr').length;
             document.getElementById('status-filter').value = 'failed'; filterTable(); const failed = visible();
             document.getElementById('status-filter').value = ''; document.getElementById('text-filter').value =
                 'sub-001_to'; filterTable(); const text = visible();
@@ -189,8 +195,10 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
             document.getElementById('rater').value = 'jd';
             const tr = [...document.querySelectorAll('#pairs tbody tr')].find(r => r.dataset.pair === '{pair}');
             const s = tr.querySelector('select.rating');
-            s.value = 'exclude'; s.dispatchEvent(new Event('change'));
-            tr.querySelector('input.note').value = 'misaligned frontal lobe';
+            s.value = 'exclude'; s.dispatchEvent(new Event('change', {{bubbles: true}}));  // as a user's choice does
+            const n = tr.querySelector('input.note');
+            n.value = 'misaligned frontal lobe'; n.dispatchEvent(new Event('input', {{bubbles: true}}));
+            sortTable(0); sortTable(0);  // the rating and the note survive the table being drawn again
             return ratingsTSV();
         }})()""")
         assert tsv == f"pair_id\trating\trater\tnote\n{pair}\texclude\tjd\tmisaligned frontal lobe\n"
@@ -204,7 +212,8 @@ def test_a_reviewer_rates_pairs_in_the_browser_and_the_download_is_merged(run_di
     rebuild_report(run_dir, ratings=saved)
     excluded = (run_dir / "exclude.tsv").read_text()
     assert pair in excluded and "\texclude" in excluded
-    assert "<option value='exclude' selected>" in (run_dir / "report.html").read_text()  # the stored rating shows
+    stored = {r["p"]: r["r"] for r in table_rows((run_dir / "report.html").read_text())}
+    assert stored[pair] == "exclude"  # the stored rating shows in the table
 
 
 @pytest.mark.slow

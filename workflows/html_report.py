@@ -221,12 +221,24 @@ def _cell(column: str, value, drawn: bool = False) -> str:
     return f"<td>{_fmt(value)}</td>"
 
 
-def _rating_cells(current) -> str:
-    """A reviewer's rating control for one table row, preset to the stored rating."""
-    current = current if isinstance(current, str) else ""
-    options = "".join(f"<option value='{v}'{' selected' if v == current else ''}>{v or '-'}</option>"
-                      for v in ("", *RATINGS))
-    return f"<td><select class='rating'>{options}</select></td><td><input class='note' size='18'></td>"
+def _sort_key(value):
+    """A cell's sort key for the page's script: the number, or the text (missing values sort as empty text)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value):
+        return float(value)
+    return "" if value is None or value is pd.NA or isinstance(value, float) else str(value)
+
+
+def _table_rows(frame: pd.DataFrame, cols: list[str], drawn: set[str]) -> str:
+    """The table's rows as JSON for the page's script (which shows them a page at a time, sorted and filtered):
+    per row the pair id ``p``, its class ``c`` (failed, flagged or none), the cells ``t`` (HTML), their sort keys
+    ``k`` and the stored rating ``r``. Safe inside a ``<script>`` element."""
+    rows = [{"p": r.pair_id, "c": "failed" if r.status != "complete" else ("flagged" if r.flagged else ""),
+             "t": [_cell(c, getattr(r, c), r.pair_id in drawn) for c in cols],
+             "k": [_sort_key(getattr(r, c)) for c in cols],
+             "r": r.rating if isinstance(getattr(r, "rating", None), str) else ""} for r in frame.itertuples()]
+    return json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
 
 
 MAX_FIGURES = 500  # pair figures drawn at most (about 0.4 s of a worker and 60 kB each; the page loads them lazily)
@@ -271,11 +283,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
     cols = [c for c in COLUMNS if c in frame.columns]
     head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
     head += "<th>your rating</th><th>note</th>"
-    body = "".join(
-        f"<tr class='{'failed' if r.status != 'complete' else ('flagged' if r.flagged else '')}' "
-        f"data-pair='{html.escape(r.pair_id)}'>"
-        + "".join(_cell(c, getattr(r, c), r.pair_id in drawn) for c in cols)
-        + _rating_cells(getattr(r, "rating", None)) + "</tr>" for r in frame.itertuples())
+    body = _table_rows(frame, cols, drawn)
     scatter = error_scatter(frame) if "true_error_mean_mm" in frame else None
     meta = meta or {}
     failed = frame[frame.status != "complete"]
@@ -290,11 +298,13 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         reasons=f"<ul>{reasons}</ul>" if reasons else "",
         hist=f"<img alt='risk histogram' src='{risk_histogram(frame)}'>",
         scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
-        head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)))
+        head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)),
+        ratings=json.dumps(["", *RATINGS]), page_rows=PAGE_ROWS)
     return write_text_atomic(out_dir / "report.html", page)
 
 
 MAX_LISTED_FAILURES = 50  # failed pairs listed with their reason above the table (all are in the table)
+PAGE_ROWS = 200  # table rows shown at a time: the page stays quick to open, sort and filter at 10,000 pairs
 
 
 TEMPLATE = """<!doctype html>
@@ -323,46 +333,73 @@ columns, then
 <label>rater <input id="rater" size="10"></label>
 <button id="download" onclick="downloadRatings()">download ratings.tsv</button> and merge it with
 <code>equiqc report DIR --ratings ratings.tsv</code>: a rating decides over the flags and is kept.</p>
-<table id="pairs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<p id="pager"><button id="prev" onclick="turn(-1)">previous</button> <span id="range"></span>
+<button id="next" onclick="turn(1)">next</button></p>
+<table id="pairs"><thead><tr>{head}</tr></thead><tbody></tbody></table>
+<script id="rows" type="application/json">{body}</script>
 <h2>Flagged and highest-risk pairs</h2>{sections}
 <script>
+const ROWS = JSON.parse(document.getElementById('rows').textContent);
+const RATING_CHOICES = {ratings};
+const PAGE_ROWS = {page_rows};
+const ratings = {{}}, notes = {{}};  // pair -> a reviewer's rating and note, kept across pages, sorts and filters
+ROWS.forEach(r => {{ if (r.r) ratings[r.p] = r.r; r.s = r.t.join(' ').replace(/<[^>]*>/g, ' ').toLowerCase(); }});
+let view = ROWS.slice(), page = 0, sortCol = null, ascending = false;
+const ESCAPES = {{'&': '&amp;', '<': '&lt;', '>': '&gt;', "'": '&#39;', '"': '&quot;'}};
+const esc = s => String(s).replace(/[&<>'"]/g, c => ESCAPES[c]);
+function rowHtml(r) {{
+  const options = RATING_CHOICES.map(
+    v => `<option value='${{v}}'${{v === (ratings[r.p] || '') ? ' selected' : ''}}>${{v || '-'}}</option>`);
+  return `<tr class='${{r.c}}' data-pair='${{esc(r.p)}}'>${{r.t.join('')}}` +
+         `<td><select class='rating'>${{options.join('')}}</select></td>` +
+         `<td><input class='note' size='18' value='${{esc(notes[r.p] || '')}}'></td></tr>`;
+}}
+function render() {{
+  const pages = Math.max(1, Math.ceil(view.length / PAGE_ROWS));
+  page = Math.min(Math.max(page, 0), pages - 1);
+  const first = page * PAGE_ROWS;
+  document.querySelector('#pairs tbody').innerHTML = view.slice(first, first + PAGE_ROWS).map(rowHtml).join('');
+  document.getElementById('range').textContent = view.length ?
+    `rows ${{first + 1}}-${{Math.min(first + PAGE_ROWS, view.length)}} of ${{view.length}}` : 'no rows';
+  document.getElementById('prev').disabled = page === 0;
+  document.getElementById('next').disabled = page >= pages - 1;
+  document.getElementById('shown').textContent = view.length + ' of ' + ROWS.length + ' shown';
+}}
+function turn(step) {{ page += step; render(); }}
+function order() {{
+  if (sortCol === null) return;
+  const col = sortCol, sign = ascending ? 1 : -1;
+  view.sort((a, b) => {{
+    const x = a.k[col], y = b.k[col];
+    const c = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+    return sign * c;
+  }});
+}}
 function sortTable(col) {{
-  const tbody = document.querySelector('#pairs tbody');
-  const asc = tbody.dataset.col == col ? tbody.dataset.asc != 'true' : false;
-  const keyed = Array.from(tbody.rows, r => {{  // each cell read once: quick at 10,000 rows
-    const text = r.cells[col].textContent, num = parseFloat(text);
-    return [isNaN(num) ? null : num, text, r];
-  }});
-  keyed.sort((a, b) => {{
-    const c = (a[0] !== null && b[0] !== null) ? a[0] - b[0] : a[1].localeCompare(b[1]);
-    return asc ? c : -c;
-  }});
-  const frag = document.createDocumentFragment();
-  keyed.forEach(k => frag.appendChild(k[2]));
-  tbody.appendChild(frag);
-  tbody.dataset.col = col; tbody.dataset.asc = asc;
+  ascending = sortCol === col ? !ascending : false;
+  sortCol = col;
+  order(); page = 0; render();
 }}
 function filterTable() {{
   const status = document.getElementById('status-filter').value;
   const text = document.getElementById('text-filter').value.toLowerCase();
-  let shown = 0;
-  const rows = document.querySelectorAll('#pairs tbody tr');
-  rows.forEach(tr => {{
-    const cls = tr.classList.contains('failed') ? 'failed' : tr.classList.contains('flagged') ? 'flagged' : 'ok';
-    const ok = (!status || status === cls) && (!text || tr.textContent.toLowerCase().includes(text));
-    tr.style.display = ok ? '' : 'none';
-    shown += ok;
-  }});
-  document.getElementById('shown').textContent = shown + ' of ' + rows.length + ' shown';
+  view = ROWS.filter(r => (!status || status === (r.c || 'ok')) && (!text || r.s.includes(text)));
+  order(); page = 0; render();
 }}
+document.querySelector('#pairs tbody').addEventListener('change', e => {{
+  if (e.target.matches('select.rating')) ratings[e.target.closest('tr').dataset.pair] = e.target.value;
+}});
+document.querySelector('#pairs tbody').addEventListener('input', e => {{
+  if (e.target.matches('input.note')) notes[e.target.closest('tr').dataset.pair] = e.target.value;
+}});
 function ratingsTSV() {{
   const rater = document.getElementById('rater').value.replace(/[\\t\\n]/g, ' ');
   const lines = ['pair_id\\trating\\trater\\tnote'];
-  document.querySelectorAll('#pairs tbody tr').forEach(tr => {{
-    const rating = tr.querySelector('select.rating').value;
+  ROWS.forEach(r => {{
+    const rating = ratings[r.p];
     if (!rating) return;
-    const note = tr.querySelector('input.note').value.replace(/[\\t\\n]/g, ' ');
-    lines.push([tr.dataset.pair, rating, rater, note].join('\\t'));
+    const note = (notes[r.p] || '').replace(/[\\t\\n]/g, ' ');
+    lines.push([r.p, rating, rater, note].join('\\t'));
   }});
   return lines.join('\\n') + '\\n';
 }}
@@ -372,8 +409,8 @@ function downloadRatings() {{
   a.download = 'ratings.tsv';
   document.body.appendChild(a); a.click(); a.remove();
 }}
+render();
 window.addEventListener('load', () => {{
-  filterTable();
   const imgs = Array.from(document.images);
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.imagesDecoded = ok + '/' + imgs.length;
