@@ -119,11 +119,11 @@ def test_a_worker_killed_mid_estimation_loses_nothing(clean, tmp_path):
     killed = []
 
     def killer():
-        # wait until an estimation task is running on a worker, then SIGKILL that worker's process
+        # wait until a pair task (ingest, estimate, write) is running on a worker, then SIGKILL that worker's process
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             processing = handle.client.processing()
-            busy = [w for w, keys in processing.items() if any(str(k).startswith("estimate-") for k in keys)]
+            busy = [w for w, keys in processing.items() if any(str(k).startswith("pair-") for k in keys)]
             if busy:
                 pid = handle.client.run(os.getpid, workers=[busy[0]])[busy[0]]
                 os.kill(pid, signal.SIGKILL)
