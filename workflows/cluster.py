@@ -35,9 +35,9 @@ GPU_WORKER_THREADS = 2
 # (``distributed.nanny.pre-spawn-environ``). distributed sets MALLOC_TRIM_THRESHOLD_=65536 to hand memory back to
 # the system; setting it also freezes glibc's mmap threshold at 128 KiB, so every array of a 32^3 volume or more
 # is mmapped and its pages faulted in and zeroed again on every allocation. A pair's estimate, summaries and
-# writes allocate hundreds of such arrays: 38 % more time per pair than without the setting (measured in one
-# process, 199 32^3 pairs, ingest + estimate tasks: 137 -> 190-209 ms). Keeping mid-size arrays on the heap
-# (mmap only from 32 MiB) brings it back to within 5 % (145-162 ms in the same runs) while trimming stays on.
+# writes allocate hundreds of such arrays: 25-48 % more time per pair than without the setting (paired runs in one
+# process, 199 32^3 pairs, ingest + estimate tasks: 123 -> 182, 147 -> 209, 158 -> 197 ms). Keeping mid-size arrays
+# on the heap (mmap only from 32 MiB) brings it back within 5 % (147 -> 154, 158 -> 163 ms) while trimming stays on.
 # A SLURM/PBS job script can do the same: cluster_options job_script_prologue:
 # ["export MALLOC_MMAP_THRESHOLD_=33554432"].
 WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
