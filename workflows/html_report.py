@@ -86,18 +86,15 @@ def error_scatter(frame: pd.DataFrame) -> str | None:
     return _png(fig)
 
 
-def _views(volume: np.ndarray, centre: tuple[int, int, int], channels: bool = False
-           ) -> list[tuple[str, np.ndarray, tuple[str, str]]]:
-    """(name, 2D image to show with origin='lower', (left label, right label)) for the three planes. With
-    ``channels``, ``volume`` is ``(C, X, Y, Z)`` and each image ``(rows, columns, C)``."""
+# The three planes shown, in column order, with the patient side at the image's left and right edges.
+PLANES = (("axial", ("L", "R")), ("coronal", ("L", "R")), ("sagittal", ("P", "A")))
+
+
+def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """The slices of ``volume`` ``(X, Y, Z, C)`` through ``centre`` in :data:`PLANES` order, each ``(rows, columns,
+    C)`` to show with origin='lower'."""
     x, y, z = centre
-    if channels:
-        return [(name, np.moveaxis(img, 0, -1), labels)
-                for (name, img, labels) in [("axial", np.swapaxes(volume[:, :, :, z], 1, 2), ("L", "R")),
-                                            ("coronal", np.swapaxes(volume[:, :, y, :], 1, 2), ("L", "R")),
-                                            ("sagittal", np.swapaxes(volume[:, x, :, :], 1, 2), ("P", "A"))]]
-    return [("axial", volume[:, :, z].T, ("L", "R")), ("coronal", volume[:, y, :].T, ("L", "R")),
-            ("sagittal", volume[x, :, :].T, ("P", "A"))]
+    return [np.swapaxes(volume[:, :, z], 0, 1), np.swapaxes(volume[:, y, :], 0, 1), np.swapaxes(volume[x], 0, 1)]
 
 
 def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -138,8 +135,7 @@ def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, np.
     """The 3 x 3 panels (rows: RGBA volumes ``(X, Y, Z, 4)``; columns: axial, coronal, sagittal through
     ``centre``) drawn as one image in one axes, with their titles, orientation labels and the std_mm colour bar:
     one image to resample instead of nine, so a figure costs a fraction of a subplot grid's time."""
-    panels = [[np.flipud(img) for _, img, _ in _views(np.moveaxis(vol, -1, 0), centre, channels=True)]
-              for _, vol in rows]  # origin at the bottom, as in the views
+    panels = [[np.flipud(img) for img in _views(vol, centre)] for _, vol in rows]  # origin at the bottom
     widths = [max(p[c].shape[1] for p in panels) for c in range(3)]
     heights = [max(img.shape[0] for img in p) for p in panels]
     gap = max(2, max(widths) // 12)
@@ -159,11 +155,10 @@ def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, np.
     ax = fig.add_axes((0.0, 0.0, 0.88, 0.96))
     ax.imshow(mosaic, interpolation="nearest", aspect="equal")
     ax.set_axis_off()
-    planes = [(name, labels) for name, _, labels in _views(np.zeros((1, 1, 1)), (0, 0, 0))]
     for r, c, x, y, w, h in anchors:
-        ax.text(x, y - 0.5, f"{rows[r][0]}: {planes[c][0]}", fontsize=9, va="bottom")
+        ax.text(x, y - 0.5, f"{rows[r][0]}: {PLANES[c][0]}", fontsize=9, va="bottom")
         if r == 0:  # the orientation, the same in every row: labelled once per column (every text costs)
-            left, right = planes[c][1]
+            left, right = PLANES[c][1]
             ax.text(x + 0.5, y + h / 2, left, color="yellow", fontsize=11, weight="bold", va="center")
             ax.text(x + w - 1.5, y + h / 2, right, color="yellow", fontsize=11, weight="bold", va="center",
                     ha="right")
