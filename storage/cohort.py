@@ -43,6 +43,7 @@ from equiqc.storage.manifest import PairSpec
 from equiqc.storage.nifti import Volume, VolumeError, load_volume
 
 CHUNK = 64
+PAIRS = "pairs"  # one group per pair: which volume is each role, status, hashes (and the ground truth)
 VOLUMES = "volumes"  # content-addressed input volumes, shared by the pairs that use the same file
 ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
                "source_labels": np.int32, "target_labels": np.int32}
@@ -85,7 +86,7 @@ def volume_key(sha256: str, dtype) -> str:
 def open_cohort(store: str | Path) -> zarr.Group:
     """Open (creating if needed) a cohort store with its ``pairs`` and ``volumes`` groups."""
     root = zarr.open_group(str(store), mode="a", zarr_format=3)
-    root.require_group("pairs")
+    root.require_group(PAIRS)
     root.require_group(VOLUMES)
     return root
 
@@ -186,9 +187,10 @@ class StoredVolume:
     attrs: dict
 
 
-def _pairs(store: str | Path, mode: str = "r+") -> zarr.Group:
-    """The store's ``pairs`` group, opened directly (cheaper than the root and then the child)."""
-    return zarr.open_group(str(Path(store) / "pairs"), mode=mode, zarr_format=3)
+def _group(store: str | Path, *path: str, mode: str = "r") -> zarr.Group:
+    """A group of the store opened by its path (``PAIRS`` or ``PAIRS, pair_id``): one metadata read, cheaper than
+    the root and then its children."""
+    return zarr.open_group(str(Path(store).joinpath(*path)), mode=mode, zarr_format=3)
 
 
 def ingest_pair(spec: PairSpec, store: str | Path, max_voxels: int | None = None) -> IngestOutcome:
@@ -202,15 +204,15 @@ def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = 
     """:func:`ingest_pair`, also returning the pair's volumes as :func:`read_pair` would read them back (same
     arrays, dtypes and attributes), so a task that ingests and then estimates need not read them again; None when
     nothing was loaded (a pair already ingested, or a failed one)."""
-    if not (Path(store) / "pairs" / "zarr.json").exists():
+    if not (Path(store) / PAIRS / "zarr.json").exists():
         open_cohort(store)
-    pairs = _pairs(store)
+    pairs = _group(store, PAIRS, mode="r+")
     try:
         hashes, input_hash = input_hashes(spec)
     except OSError as exc:
         missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
         return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None), None
-    if (Path(store) / "pairs" / spec.pair_id / "zarr.json").exists():
+    if (Path(store) / PAIRS / spec.pair_id / "zarr.json").exists():
         attrs = dict(pairs[spec.pair_id].attrs)
         if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):
             return IngestOutcome(spec.pair_id, "unchanged" if attrs["status"] == "ok" else "failed",
@@ -273,7 +275,7 @@ def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: s
 
 def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = None) -> dict[str, StoredVolume]:
     """Read a pair's arrays (all roles, or the given ones that exist) from the cohort store."""
-    group = zarr.open_group(str(Path(store) / "pairs" / pair_id), mode="r", zarr_format=3)
+    group = _group(store, PAIRS, pair_id)
     if group.attrs.get("status") != "ok":
         raise VolumeError(f"pair {pair_id}: not ingested ({group.attrs.get('error')})")
     shared = dict(group.attrs.get("volumes", {}))
@@ -295,6 +297,6 @@ def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = N
 def pair_status(store: str | Path, pair_id: str) -> dict:
     """The pair group's attributes (``status``, ``error``, ``input_hash``...), or ``{}`` if absent."""
     try:
-        return dict(zarr.open_group(str(Path(store) / "pairs" / pair_id), mode="r", zarr_format=3).attrs)
+        return dict(_group(store, PAIRS, pair_id).attrs)
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError):
         return {}
