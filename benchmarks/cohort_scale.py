@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import psutil
 from scipy.ndimage import gaussian_filter
+from storage_levels import folder_bytes  # this folder: on the path of a script run from it
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -116,10 +117,6 @@ class PeakMemory(threading.Thread):
             except psutil.Error:
                 return
             time.sleep(self.period)
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def log_phases(log: Path) -> dict[str, float]:
