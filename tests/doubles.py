@@ -10,6 +10,7 @@ and error of any known law can be injected on top of it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -130,11 +131,24 @@ class ZeroDisplacement(torch.nn.Module):
 
 class SlowZeroDisplacement(ZeroDisplacement):
     """:class:`ZeroDisplacement` whose every forward takes 40 ms (sleeping, as a GPU kernel would leave the CPU free):
-    long estimation tasks against which a run's other tasks can be seen to overlap."""
+    long estimation tasks against which a run's other tasks can be seen to overlap. ``most_at_once``: the most
+    forwards this process has run at the same time (a worker's own count, free of the scheduler's clock)."""
+
+    _lock = threading.Lock()
+    running = 0
+    most_at_once = 0
 
     def forward(self, source: Tensor, target: Tensor) -> Tensor:
-        time.sleep(0.04)
-        return super().forward(source, target)
+        cls = SlowZeroDisplacement
+        with cls._lock:
+            cls.running += 1
+            cls.most_at_once = max(cls.most_at_once, cls.running)
+        try:
+            time.sleep(0.04)
+            return super().forward(source, target)
+        finally:
+            with cls._lock:
+                cls.running -= 1
 
 
 class Exploding(torch.nn.Module):

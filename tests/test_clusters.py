@@ -218,6 +218,7 @@ def test_gpu_workers_overlap_ingest_and_writes_with_estimation_and_match_the_cpu
                       processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, Client(cluster) as client:
         with get_task_stream(client) as stream:
             gpu = run_cohort(manifest, tmp_path / "gpu", config, ClusterHandle(client, None, True))
+        most_at_once = list(client.run(lambda: __import__("doubles").SlowZeroDisplacement.most_at_once).values())
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         cpu = run_cohort(manifest, tmp_path / "cpu", config, ClusterHandle(client, None, False))
@@ -229,10 +230,12 @@ def test_gpu_workers_overlap_ingest_and_writes_with_estimation_and_match_the_cpu
     spans = {kind: [(s["start"], s["stop"]) for t in stream.data if t["key"].startswith(kind + "-")
                     for s in t["startstops"] if s["action"] == "compute"] for kind in ("ingest", "estimate", "write")}
     assert len(spans["estimate"]) == len(spans["write"]) == len(spans["ingest"]) == 6
-    estimates = sorted(spans["estimate"])
-    assert all(a[1] <= b[0] for a, b in zip(estimates, estimates[1:], strict=False))  # one at a time on the GPU
-    overlapping = [s for s in spans["ingest"] + spans["write"] if any(s[0] < e[1] and e[0] < s[1] for e in estimates)]
-    assert overlapping  # the second thread worked while the GPU was busy
+    # one estimation at a time on the GPU: counted by the worker itself (the task stream's times are shifted by the
+    # scheduler's estimate of the worker's clock, a few milliseconds that change between tasks)
+    assert most_at_once == [1]
+    # the second thread worked while the GPU was busy: overlaps well beyond that shift
+    overlap = [min(s[1], e[1]) - max(s[0], e[0]) for s in spans["ingest"] + spans["write"] for e in spans["estimate"]]
+    assert max(overlap) > 0.01
 
 
 @pytest.mark.slow
