@@ -11,12 +11,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
+from PIL import Image
 
 from equiqc.workflows.cluster import ClusterHandle
 from equiqc.workflows.config import RunConfig
 from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort
+from equiqc.workflows.html_report import FIGURE_WIDTH, _lut
 from equiqc.workflows.run import run_cohort
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -73,7 +76,16 @@ def test_report_html_is_complete_and_its_figures_are_files(run_dir):
     for pid in shown:
         figure = run_dir / "figures" / f"{pid}.png"
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"loading='lazy' width='800' height='760' src='figures/{pid}.png'" in page
+        pixels = np.asarray(Image.open(figure).convert("RGB")).astype(np.int64)
+        height = round(800 * pixels.shape[0] / pixels.shape[1])
+        assert pixels.shape[1] == FIGURE_WIDTH
+        assert f"loading='lazy' width='800' height='{height}' src='figures/{pid}.png'" in page  # its own aspect
+        # the std_mm row (the bottom third) in magma, the anatomy rows above it in gray only
+        code = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+        magma = _lut("magma")[:, :3].astype(np.int64)
+        in_magma = np.isin(code, (magma[:, 0] << 16) | (magma[:, 1] << 8) | magma[:, 2])
+        third = pixels.shape[0] // 3
+        assert in_magma[2 * third:].sum() > 5000 and in_magma[:2 * third].sum() < 50
         row = next(r for r in rows if r["p"] == pid)
         assert f"<td><a href='#pair-{pid}'>{pid}</a></td>" in row["t"]  # its table row links to the figure
 

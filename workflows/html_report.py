@@ -21,6 +21,7 @@ and sagittal views; sagittal views have anterior on the right.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -34,6 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy.ndimage import uniform_filter  # noqa: E402
 
 from equiqc.pipeline import transforms as T  # noqa: E402
@@ -91,8 +94,8 @@ PLANES = (("axial", ("L", "R")), ("coronal", ("L", "R")), ("sagittal", ("P", "A"
 
 
 def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
-    """The slices of ``volume`` ``(X, Y, Z, C)`` through ``centre`` in :data:`PLANES` order, each ``(rows, columns,
-    C)`` to show with origin='lower'."""
+    """The slices of ``volume`` ``(X, Y, Z, ...)`` through ``centre`` in :data:`PLANES` order, each ``(rows, columns,
+    ...)`` with the first row at the bottom (origin='lower')."""
     x, y, z = centre
     return [np.swapaxes(volume[:, :, z], 0, 1), np.swapaxes(volume[:, y, :], 0, 1), np.swapaxes(volume[x], 0, 1)]
 
@@ -123,50 +126,101 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> bytes:
     shown = np.where(region, std, np.nan)
     smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
-    vmax = float(np.nanpercentile(shown, 99)) if region.any() else 1.0
-    gray, magma = plt.get_cmap("gray"), plt.get_cmap("magma")
-    dimmed = gray(np.clip(anatomy / 2.5, 0, 1))  # under the uncertainty, transparent outside the region
-    heat = np.where(np.isfinite(shown)[..., None], magma(np.clip(np.nan_to_num(shown) / max(vmax, 1e-6), 0, 1)), dimmed)
-    rows = [("target", gray(np.clip(anatomy, 0, 1))), (middle[0], gray(np.clip(middle[1], 0, 1))), ("std_mm", heat)]
+    vmax = max(float(np.nanpercentile(shown, 99)) if region.any() else 1.0, 1e-6)
+    # coloured slice by slice (three planes, not the volumes): under the uncertainty the anatomy dimmed, shown
+    # outside the region
+    heat = [np.where(np.isfinite(s)[..., None], _coloured("magma", np.nan_to_num(s) / vmax), _coloured("gray", a / 2.5))
+            for s, a in zip(_views(shown, centre), _views(anatomy, centre), strict=True)]
+    rows = [("target", [_coloured("gray", a) for a in _views(anatomy, centre)]),
+            (middle[0], [_coloured("gray", m) for m in _views(middle[1], centre)]), ("std_mm", heat)]
     return _mosaic_png(pair_id, centre, rows, vmax)
 
 
-def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, np.ndarray]], vmax: float) -> bytes:
-    """The 3 x 3 panels (rows: RGBA volumes ``(X, Y, Z, 4)``; columns: axial, coronal, sagittal through
-    ``centre``) drawn as one image in one axes, with their titles, orientation labels and the std_mm colour bar:
-    one image to resample instead of nine, so a figure costs a fraction of a subplot grid's time."""
-    panels = [[np.flipud(img) for img in _views(vol, centre)] for _, vol in rows]  # origin at the bottom
-    widths = [max(p[c].shape[1] for p in panels) for c in range(3)]
-    heights = [max(img.shape[0] for img in p) for p in panels]
-    gap = max(2, max(widths) // 12)
-    title_space = max(3, max(heights) // 7)
-    mosaic = np.ones((sum(heights) + title_space * 3, sum(widths) + gap * 2, 4))
-    anchors = []
-    y = 0
-    for r, p in enumerate(panels):
-        y += title_space
-        x = 0
-        for c, img in enumerate(p):
-            mosaic[y:y + img.shape[0], x:x + img.shape[1]] = img
-            anchors.append((r, c, x, y, img.shape[1], img.shape[0]))
-            x += widths[c] + gap
-        y += heights[r]
-    fig = plt.figure(figsize=(8.5, 7.5 * mosaic.shape[0] / mosaic.shape[1] + 0.4), dpi=80)
-    ax = fig.add_axes((0.0, 0.0, 0.88, 0.96))
-    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
-    ax.set_axis_off()
-    for r, c, x, y, w, h in anchors:
-        ax.text(x, y - 0.5, f"{rows[r][0]}: {PLANES[c][0]}", fontsize=9, va="bottom")
-        if r == 0:  # the orientation, the same in every row: labelled once per column (every text costs)
-            left, right = PLANES[c][1]
-            ax.text(x + 0.5, y + h / 2, left, color="yellow", fontsize=11, weight="bold", va="center")
-            ax.text(x + w - 1.5, y + h / 2, right, color="yellow", fontsize=11, weight="bold", va="center",
-                    ha="right")
-    bar = fig.add_axes((0.9, 0.04, 0.025, 0.25))
-    fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(0, vmax), "magma"), cax=bar, label="std_mm (mm)")
-    fig.suptitle(f"{pair_id}: slices through the region of highest uncertainty (voxel {tuple(map(int, centre))})",
-                 fontsize=10, y=0.995)
-    return _png_bytes(fig)
+# The pair figure is composed with Pillow (panels pasted at an integer zoom, titles and the colour bar's labels as
+# text): matplotlib drew the same page in about 0.25 s, mostly its text and axis machinery, which at a few hundred
+# flagged pairs was most of a cohort run's report time; the panels are images, not plots.
+FIGURE_WIDTH = 680  # px, the PNG's width; report.html shows it 800 px wide
+_PAD, _GAP, _BAR = 8, 12, 90  # px: margins, gap between panels, room for the colour bar and its labels
+
+
+@functools.cache
+def _font(size: int = 12) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow's own scalable font: nothing to find or download
+
+
+@functools.cache
+def _lut(name: str) -> np.ndarray:
+    """matplotlib's colour map ``name`` as 256 RGBA uint8 entries."""
+    return (matplotlib.colormaps[name](np.linspace(0, 1, 256)) * 255).round().astype(np.uint8)
+
+
+def _coloured(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` in [0, 1] (clipped) through colour map ``name``: RGBA uint8 with one more trailing axis."""
+    return _lut(name)[np.round(np.clip(values, 0, 1) * 255).astype(np.intp)]
+
+
+def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, list[np.ndarray]]], vmax: float) -> bytes:
+    """The 3 x 3 panels (rows of RGBA uint8 slices ``(rows, columns, 4)``, origin at the bottom; columns: axial,
+    coronal, sagittal through ``centre``) with their titles, orientation labels and the std_mm colour bar, as PNG
+    bytes ``FIGURE_WIDTH`` wide."""
+    widths = [max(r[1][c].shape[1] for r in rows) for c in range(3)]
+    heights = [max(img.shape[0] for img in r[1]) for r in rows]
+    zoom = (FIGURE_WIDTH - 2 * _PAD - 2 * _GAP - _BAR) / sum(widths)  # px per voxel, every panel alike
+    font, line = _font(), _font().size + 6
+    size = (FIGURE_WIDTH, line + sum(2 * line + round(h * zoom) + _GAP for h in heights) + _PAD)
+    page = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((size[0] // 2, _PAD), f"{pair_id}: slices through the region of highest uncertainty (voxel "
+              f"{tuple(map(int, centre))})", fill="black", font=font, anchor="mt")
+    y = line
+    for r, (title, slices) in enumerate(rows):
+        draw.text((_PAD, y + line), title, fill="black", font=_font(13), anchor="ld")
+        y += line
+        x = _PAD
+        for c, img in enumerate(slices):
+            h, w = round(img.shape[0] * zoom), round(img.shape[1] * zoom)
+            draw.text((x, y + line - 3), PLANES[c][0], fill="#555555", font=font, anchor="ld")
+            panel = Image.fromarray(np.ascontiguousarray(np.flipud(img)), "RGBA").resize((w, h), Image.NEAREST)
+            page.paste(panel.convert("RGB"), (x, y + line))
+            if r == 0:  # the orientation, the same in every row: labelled once per column
+                left, right = PLANES[c][1]
+                draw.text((x + 3, y + line + h // 2), left, fill="yellow", font=font, anchor="lm", stroke_width=1,
+                          stroke_fill="black")
+                draw.text((x + w - 3, y + line + h // 2), right, fill="yellow", font=font, anchor="rm",
+                          stroke_width=1, stroke_fill="black")
+            x += round(widths[c] * zoom) + _GAP
+        if r == len(rows) - 1:
+            _colour_bar(page, draw, (x + 4, y + line), round(heights[r] * zoom), vmax)
+        y += line + round(heights[r] * zoom) + _GAP
+    buf = io.BytesIO()
+    page.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _colour_bar(page: Image.Image, draw: ImageDraw.ImageDraw, corner: tuple[int, int], height: int,
+                vmax: float) -> None:
+    """The magma scale from 0 (bottom) to ``vmax`` mm (top), ``height`` px tall from ``corner``, with ticks at
+    matplotlib's round values and the label ``std_mm (mm)``."""
+    x, y = corner
+    strip = _coloured("magma", np.linspace(1, 0, max(height, 2)))[:, None].repeat(14, axis=1)
+    page.paste(Image.fromarray(np.ascontiguousarray(strip), "RGBA").convert("RGB"), (x, y))
+    draw.rectangle((x, y, x + 13, y + height - 1), outline="black")
+    for tick in MaxNLocator(nbins=5).tick_values(0, vmax):
+        if 0 <= tick <= vmax * (1 + 1e-9):
+            ty = y + round((height - 1) * (1 - tick / vmax))
+            draw.line((x + 14, ty, x + 17, ty), fill="black")
+            draw.text((x + 20, ty), f"{tick:g}", fill="black", font=_font(11), anchor="lm")
+    label = Image.new("RGB", (round(draw.textlength("std_mm (mm)", font=_font(11))) + 2, 14), "white")
+    ImageDraw.Draw(label).text((1, 7), "std_mm (mm)", fill="black", font=_font(11), anchor="lm")
+    rotated = label.rotate(90, expand=True)
+    page.paste(rotated, (x + 56, y + max(0, (height - rotated.height) // 2)))
+
+
+def _shown_size(figure: Path, width: int = 800) -> str:
+    """The ``width`` and ``height`` attributes of a figure shown ``width`` px wide (its aspect kept), so the page
+    keeps its layout while lazy images load; only the PNG's header is read."""
+    with Image.open(figure) as img:
+        return f"width='{width}' height='{round(width * img.height / img.width)}'"
 
 
 def figure_path(pair_id: str) -> str:
@@ -272,7 +326,8 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
                         f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
-                        f"loading='lazy' width='800' height='760' src='{html.escape(quote(figure_path(pid)))}'>{table}")
+                        f"loading='lazy' {_shown_size(out_dir / figure_path(pid))} "
+                        f"src='{html.escape(quote(figure_path(pid)))}'>{table}")
     if beyond:
         sections.append(f"<p>{len(beyond)} more pairs to look at are not drawn (at most {max_figures} figures keep "
                         f"the report quick to make): {html.escape(', '.join(beyond))}</p>")
