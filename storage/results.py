@@ -55,9 +55,11 @@ ARRAYS = {  # name -> (leading dim or None, CF/UDUNITS units, long_name)
     "prediction_displacement": ("axis", "1", "unperturbed prediction minus identity: displacement in source "
                                 "voxels (RAS+ source grid), float16"),
 }
-# Blosc zstd with byte shuffle: 0.68x the raw float32 size for std_mm, 0.94x for a float16 displacement
-# (zarr's default zstd: 0.89x and 1.32x; benchmarks/storage_levels.py).
-COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+# Blosc zstd level 1 with byte shuffle. On a 2 mm MNI demo pair (8 chunks per array; /tmp script, 10 writes each):
+# std_mm 0.68x its raw float32 size in 5.7 ms of CPU, the float16 displacement 0.69x in 8.4 ms; level 5 stores
+# 0.62x and 0.62x but takes 17.5 and 29.6 ms, 3x the CPU of every pair's write for 10 % fewer bytes (zarr's
+# default zstd: 0.89x and 1.32x; benchmarks/storage_levels.py).
+COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 # Labels of the leading dimensions, stored as coordinate arrays so that ``.sel(component="xx")`` works.
 MAP_AXES = ("i", "j", "k")  # source voxel axes (RAS+ source grid)
 LEADING = {"component": "covariance component (source world axes x y z, RAS+)",
