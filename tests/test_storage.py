@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import warnings
+from collections import OrderedDict
 
 import nibabel as nib
 import numpy as np
@@ -229,6 +230,33 @@ def test_a_shared_atlas_is_stored_once_and_every_pair_reads_it(tmp_path):
     volume_bytes = sum(f.stat().st_size for f in (store / "volumes").rglob("*") if f.is_file())
     one = sum(f.stat().st_size for f in (store / "volumes" / volumes[0]).rglob("*") if f.is_file())
     assert volume_bytes < 9 * one  # about one input volume per pair (+ the atlas and its mask once)
+
+
+def test_a_shared_file_is_read_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+    from equiqc.storage import cohort
+
+    monkeypatch.setattr(cohort, "_LOADED", OrderedDict())
+    read, real = [], cohort.load_volume
+    monkeypatch.setattr(cohort, "load_volume", lambda path, dtype: read.append(path.name) or real(path, dtype))
+    atlas = RNG.normal(size=SHAPE).astype(np.float32)
+    write_nii(tmp_path / "atlas.nii.gz", atlas)
+    for i in range(4):
+        write_nii(tmp_path / f"s{i}.nii.gz", RNG.normal(size=SHAPE).astype(np.float32))
+    specs = read_manifest(make_manifest(tmp_path, [[f"s{i}", f"s{i}.nii.gz", "atlas.nii.gz"] for i in range(4)]))
+    store = tmp_path / "cohort.zarr"
+    kept = [ingest_and_keep(spec, store)[1] for spec in specs[:3]]
+    assert sorted(read) == ["atlas.nii.gz", "s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]  # the atlas once
+    kept[0]["target"].data[:] = 0  # each pair gets its own copy: a change does not reach the next pair
+    for volumes in kept[1:]:
+        np.testing.assert_array_equal(volumes["target"].data, atlas)
+    write_nii(tmp_path / "atlas.nii.gz", 2 * atlas)  # new content under the same path: read again
+    os.utime(tmp_path / "atlas.nii.gz", ns=(1, 1))
+    np.testing.assert_array_equal(ingest_and_keep(specs[3], store)[1]["target"].data, 2 * atlas)
+    assert read.count("atlas.nii.gz") == 2
+    monkeypatch.setattr(cohort, "LOADED_CACHE_BYTES", atlas.nbytes)  # room for one volume: the oldest go
+    write_nii(tmp_path / "s4.nii.gz", RNG.normal(size=SHAPE).astype(np.float32))
+    ingest_and_keep(dataclasses.replace(specs[0], source=tmp_path / "s4.nii.gz", pair_id="s4"), store)
+    assert read[-2:] == ["s4.nii.gz", "atlas.nii.gz"] and len(cohort._LOADED) == 1  # s4 dropped for the atlas
 
 
 def test_a_store_written_before_content_addressing_is_still_read(tmp_path):
