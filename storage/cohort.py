@@ -7,8 +7,8 @@ map, which depends on both grids of its pair, is stored in the pair group itself
 under a temporary name and renamed into place, so pairs ingested side by side by several workers never see
 half of one (the loser of a race discards its copy). File hashes are cached per process by (path, size,
 modification time), so a shared file is hashed once per worker, not once per pair, and the volumes read are
-kept per process by content (up to :data:`LOADED_CACHE_BYTES`), so it is also read once per worker. Stores written before
-(every volume in its pair group) are still read.
+kept per process by content (up to :data:`LOADED_CACHE_BYTES`), so it is also read once per worker. Stores
+written before (every volume in its pair group) are still read.
 
 Each volume is reoriented to closest-canonical RAS+ (:mod:`equiqc.storage.nifti`) and stored as a Zarr v3 array
 with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``original_shape``,
