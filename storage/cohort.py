@@ -268,7 +268,7 @@ def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = 
     for role, (data, attrs) in own.items():
         _write_array(group, role, data, attrs)
     if own:
-        group.attrs.update(done)
+        group.update_attributes(done)  # one metadata write (attrs.update writes once per key)
     return IngestOutcome(spec.pair_id, "ingested", None, input_hash), kept
 
 

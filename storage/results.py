@@ -188,7 +188,9 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         raise ResultConfigMismatch(
             f"{root}/{pair_id} holds results of another configuration ({_diff(old, config)}); "
             "use a new output folder or ask for overwriting (--overwrite)")
-    group = root_group.create_group(pair_id, overwrite=True)  # drops old arrays and marker
+    # drops old arrays and marker; the grid's attributes with the group, the marker alone after the arrays
+    group = root_group.create_group(pair_id, overwrite=True, attributes={
+        "affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
     spatial = result.std_mm.shape
     # One zarr call per array, data and attributes included: each costs about 6 ms of CPU in zarr itself, so the
     # coordinates are not stored as arrays but derived from the affine when the pair is opened (open_pair).
@@ -206,8 +208,8 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         group.create_array(name, data=data, chunks=chunks, dimension_names=dims,
                            fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR,
                            attributes=attrs)
-    group.attrs.update({"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id,  # the marker last
-                        MARKER: {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}})
+    # one attribute write (``attrs.update`` writes the group's metadata once per key: 1.2 ms each)
+    group.update_attributes({MARKER: {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}})
 
 
 def _axis_coords(affine: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
