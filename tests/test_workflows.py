@@ -126,3 +126,34 @@ def test_cli_run_report_export(cohort, tmp_path, capsys):
                  "--arrays", "std_mm,prediction_map"]) == 0
     assert (tmp_path / "nii" / "sub-001_to_atlas_std_mm.nii.gz").exists()
     assert (tmp_path / "nii" / "sub-001_to_atlas_prediction_map_xfm.nii.gz").exists()
+
+
+def test_a_task_that_dies_becomes_a_failed_row_with_its_traceback_and_the_rest_complete(tmp_path, monkeypatch):
+    """A task that raises past pair_task's own guard (as one whose worker kept dying would): its pair is a failed
+    row with the error and a crash file holding the traceback; the other pairs are complete."""
+    from cohorts import NEAR_FREE_MODEL, tiny_cohort
+
+    from equiqc.workflows import run as run_module
+
+    manifest = tiny_cohort(tmp_path / "in", pairs=3)
+    real = run_module.pair_task
+
+    def dies_on_the_second(spec, *args):
+        if spec.subject_id.endswith("1"):
+            raise RuntimeError("the worker died")
+        return real(spec, *args)
+
+    monkeypatch.setattr(run_module, "pair_task", dies_on_the_second)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+    handle = ClusterHandle(Client(cluster), cluster, False)
+    try:
+        summary = run_cohort(manifest, tmp_path / "out", RunConfig(model=NEAR_FREE_MODEL, samples=2, retries=0),
+                             handle)
+    finally:
+        handle.close()
+    status = {r["subject_id"]: r["status"] for r in summary.rows}
+    assert sorted(status.values()) == ["complete", "complete", "failed"] and len(summary.failed) == 1
+    died = summary.failed[0]
+    assert died["subject_id"].endswith("1") and died["error"] == "RuntimeError: the worker died"
+    crash = (tmp_path / "out" / died["crash_file"]).read_text()
+    assert "dies_on_the_second" in crash and "RuntimeError: the worker died" in crash

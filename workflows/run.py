@@ -320,22 +320,30 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
                                   retries=config.retries, pure=False)
         futures[final] = spec
     rows: dict[str, dict] = {}
+    # results come with their futures, every finished one at once: a result() call per future cost the client a
+    # round trip through its event loop each (1.5-2.5 ms per task on 2 cores, /tmp benchmark of 2,100 tasks)
+    finished = as_completed(list(futures), with_results=True, raise_errors=False)
     with progress_bar(len(specs), "pairs") as bar:
-        for future in as_completed(list(futures)):
-            spec = futures[future]
-            try:
-                row = future.result()
-            except Exception as exc:  # the task itself died (e.g. its worker kept crashing past the retries)
-                row = {"subject_id": spec.subject_id, "pair_id": spec.pair_id, "status": "failed",
-                       "error": f"{type(exc).__name__}: {exc}", "_computed": True,
-                       "_traceback": "".join(traceback.format_exception(exc))}
-            rows[spec.pair_id] = row
-            if row["status"] == "failed":
-                LOGGER.warning(f"{spec.pair_id}: failed ({row.get('error')})")
-            else:
-                LOGGER.debug(f"{spec.pair_id}: {row['status']} in {row.get('runtime_s', 0):.1f} s")
-            bar.update()
+        for batch in finished.batches():
+            for future, outcome in batch:
+                spec = futures[future]
+                row = outcome if future.status == "finished" else _died(spec, outcome)
+                rows[spec.pair_id] = row
+                if row["status"] == "failed":
+                    LOGGER.warning(f"{spec.pair_id}: failed ({row.get('error')})")
+                else:
+                    LOGGER.debug(f"{spec.pair_id}: {row['status']} in {row.get('runtime_s', 0):.1f} s")
+            bar.update(len(batch))
     return [rows[s.pair_id] for s in specs]  # manifest order
+
+
+def _died(spec: PairSpec, outcome) -> dict:
+    """The failed row of a pair whose task itself died (e.g. its worker kept crashing past the retries):
+    ``outcome`` is the future's ``(type, exception, traceback)``, or the exception it was cancelled with."""
+    exc = outcome[1].with_traceback(outcome[2]) if isinstance(outcome, tuple) else outcome
+    return {"subject_id": spec.subject_id, "pair_id": spec.pair_id, "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}", "_computed": True,
+            "_traceback": "".join(traceback.format_exception(exc))}
 
 
 def rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
