@@ -7,7 +7,7 @@ map, which depends on both grids of its pair, is stored in the pair group itself
 under a temporary name and renamed into place, so pairs ingested side by side by several workers never see
 half of one (the loser of a race discards its copy). File hashes are cached per process by (path, size,
 modification time), so a shared file is hashed once per worker, not once per pair, and the volumes read are
-kept per process by content (up to :data:`LOADED_CACHE_BYTES`), so it is also read once per worker. Stores
+kept per process by content (a few, :data:`LOADED_CACHE_VOLUMES`), so it is also read once per worker. Stores
 written before (every volume in its pair group) are still read.
 
 Each volume is reoriented to closest-canonical RAS+ (:mod:`equiqc.storage.nifti`) and stored as a Zarr v3 array
@@ -143,14 +143,16 @@ def fov_overlap(source: Volume, target: Volume) -> float:
 
 
 _LOADED: OrderedDict[tuple[str, str], Volume] = OrderedDict()  # (file sha256, dtype) -> Volume, this process
-LOADED_CACHE_BYTES = 256 * 2**20  # the most bytes of volumes one process keeps for pairs that share files
+LOADED_CACHE_VOLUMES = 8  # volumes one process keeps for pairs that share files (an atlas, its mask, labels)...
+LOADED_CACHE_BYTES = 256 * 2**20  # ...and at most this many bytes of them
 
 
 def _load(path: Path, dtype, sha256: str | None) -> Volume:
     """:func:`~equiqc.storage.nifti.load_volume`, remembered per process by content: a file many pairs share (an
     atlas, its mask and labels) is read and reoriented once per worker, not once per pair (about 4.5 ms of a 32^3
-    pair's ingest). The least recently used volumes are dropped beyond :data:`LOADED_CACHE_BYTES`; arrays handed
-    out from here are read-only (callers copy what they change)."""
+    pair's ingest, far more for a compressed 1 mm atlas). The least recently used volumes are dropped beyond
+    :data:`LOADED_CACHE_VOLUMES` or :data:`LOADED_CACHE_BYTES` (each pair's own files pass through and are dropped
+    first); arrays handed out from here are read-only (callers copy what they change)."""
     if sha256 is None:
         return load_volume(path, dtype)
     key = (sha256, np.dtype(dtype).name)
@@ -160,7 +162,8 @@ def _load(path: Path, dtype, sha256: str | None) -> Volume:
     vol = load_volume(path, dtype)
     vol.data.flags.writeable = False
     _LOADED[key] = vol
-    while sum(v.data.nbytes for v in _LOADED.values()) > LOADED_CACHE_BYTES and len(_LOADED) > 1:
+    while len(_LOADED) > 1 and (len(_LOADED) > LOADED_CACHE_VOLUMES
+                                or sum(v.data.nbytes for v in _LOADED.values()) > LOADED_CACHE_BYTES):
         _LOADED.popitem(last=False)
     return vol
 

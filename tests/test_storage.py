@@ -257,6 +257,11 @@ def test_a_shared_file_is_read_once_per_process_and_again_when_it_changes(tmp_pa
     write_nii(tmp_path / "s4.nii.gz", RNG.normal(size=SHAPE).astype(np.float32))
     ingest_and_keep(dataclasses.replace(specs[0], source=tmp_path / "s4.nii.gz", pair_id="s4"), store)
     assert read[-2:] == ["s4.nii.gz", "atlas.nii.gz"] and len(cohort._LOADED) == 1  # s4 dropped for the atlas
+    monkeypatch.setattr(cohort, "LOADED_CACHE_BYTES", 2**30)
+    monkeypatch.setattr(cohort, "LOADED_CACHE_VOLUMES", 2)  # and a few volumes, whatever their size
+    for i in range(3):
+        ingest_and_keep(dataclasses.replace(specs[0], source=tmp_path / f"s{i}.nii.gz", pair_id=f"n{i}"), store)
+    assert len(cohort._LOADED) == 2
 
 
 def test_a_store_written_before_content_addressing_is_still_read(tmp_path):
