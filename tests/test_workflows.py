@@ -128,22 +128,27 @@ def test_cli_run_report_export(cohort, tmp_path, capsys):
     assert (tmp_path / "nii" / "sub-001_to_atlas_prediction_map_xfm.nii.gz").exists()
 
 
-def test_a_task_that_dies_becomes_a_failed_row_with_its_traceback_and_the_rest_complete(tmp_path, monkeypatch):
-    """A task that raises past pair_task's own guard (as one whose worker kept dying would): its pair is a failed
-    row with the error and a crash file holding the traceback; the other pairs are complete."""
+def test_a_task_that_dies_is_split_and_only_its_bad_pair_fails_with_its_traceback(tmp_path, monkeypatch):
+    """A task of three pairs that dies past its retries (as one whose worker kept crashing would) is run again as
+    one task per pair: the pairs it had written come back complete from their markers, the pair that kills its
+    task becomes a failed row with the error and a crash file holding the traceback."""
     from cohorts import NEAR_FREE_MODEL, tiny_cohort
 
     from equiqc.workflows import run as run_module
 
     manifest = tiny_cohort(tmp_path / "in", pairs=3)
-    real = run_module.pair_task
+    real, log = run_module.pairs_task, tmp_path / "tasks.txt"
 
-    def dies_on_the_second(spec, *args):
-        if spec.subject_id.endswith("1"):
+    def dies_with_the_second(specs, *args):  # (the task is a copy on the worker: it logs to a file)
+        with open(log, "a") as fh:
+            fh.write(" ".join(s.subject_id for s in specs) + "\n")
+        rows = real([s for s in specs if not s.subject_id.endswith("1")], *args)  # written before the task dies
+        if any(s.subject_id.endswith("1") for s in specs):
             raise RuntimeError("the worker died")
-        return real(spec, *args)
+        return rows
 
-    monkeypatch.setattr(run_module, "pair_task", dies_on_the_second)
+    monkeypatch.setattr(run_module, "pairs_task", dies_with_the_second)
+    monkeypatch.setattr(run_module, "pairs_per_task", lambda pairs, workers: 3)
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
     handle = ClusterHandle(Client(cluster), cluster, False)
     try:
@@ -151,9 +156,20 @@ def test_a_task_that_dies_becomes_a_failed_row_with_its_traceback_and_the_rest_c
                              handle)
     finally:
         handle.close()
-    status = {r["subject_id"]: r["status"] for r in summary.rows}
-    assert sorted(status.values()) == ["complete", "complete", "failed"] and len(summary.failed) == 1
+    tasks = log.read_text().splitlines()
+    assert tasks[0] == "sub-000 sub-001 sub-002" and sorted(tasks[1:]) == ["sub-000", "sub-001", "sub-002"]
+    assert [r["status"] for r in summary.rows] == ["complete", "failed", "complete"]
+    assert [r.get("_computed") for r in summary.rows if r["status"] == "complete"] == [None, None]  # popped
+    assert summary.computed == 1  # the failed pair; the two others were found complete when run alone
     died = summary.failed[0]
-    assert died["subject_id"].endswith("1") and died["error"] == "RuntimeError: the worker died"
+    assert died["subject_id"] == "sub-001" and died["error"] == "RuntimeError: the worker died"
     crash = (tmp_path / "out" / died["crash_file"]).read_text()
-    assert "dies_on_the_second" in crash and "RuntimeError: the worker died" in crash
+    assert "dies_with_the_second" in crash and "RuntimeError: the worker died" in crash
+
+
+def test_pairs_per_task_batches_only_large_cohorts():
+    from equiqc.workflows.run import MAX_PAIRS_PER_TASK, TASKS_PER_WORKER, pairs_per_task
+
+    assert pairs_per_task(4, 2) == 1 and pairs_per_task(0, 0) == 1
+    assert pairs_per_task(2000, 2) == MAX_PAIRS_PER_TASK
+    assert pairs_per_task(TASKS_PER_WORKER * 2 * 3, 2) == 3  # every worker still gets TASKS_PER_WORKER tasks

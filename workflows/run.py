@@ -12,10 +12,11 @@ Output folder layout (``DIR``)::
                          equiqc.workflows.calibrate)
     DIR/.equiqc-locks/   the leases of the runs writing here (storage.locks)
 
-The graph is built with ``client.submit``, one task per pair on CPU workers and, on GPU workers, an ingest, an
-estimation (asking for the ``GPU`` resource) and a write task per pair, so that loading and writing overlap the
-GPU's work (:mod:`equiqc.workflows.tasks`). Tasks lost with a worker are retried (``retries``); a pair that
-raises becomes a failed row. Re-running
+The graph is built with ``client.submit``: on CPU workers one task per pair, or per few pairs in a large cohort
+(:func:`pairs_per_task`); on GPU workers an ingest, an estimation (asking for the ``GPU`` resource) and a write
+task per pair, so that loading and writing overlap the GPU's work (:mod:`equiqc.workflows.tasks`). Tasks lost
+with a worker are retried (``retries``), then a task of several pairs is split into one task per pair; a pair
+that raises becomes a failed row. Re-running
 the same command skips pairs whose completion marker matches (resume).
 """
 
@@ -45,7 +46,7 @@ from equiqc.workflows.cluster import GPU_RESOURCE, ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
-from equiqc.workflows.tasks import estimate_task, ingest_task, pair_task, write_task
+from equiqc.workflows.tasks import estimate_task, ingest_task, pairs_task, write_task
 
 
 @dataclass
@@ -304,37 +305,67 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
     open_cohort(store)  # create the groups once, before workers write pairs into them
     open_results(results)
     config_dict = config.to_dict()
-    futures = {}
-    for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
-        pid = spec.pair_id
-        if handle.gpu:
+    futures: dict = {}  # future -> the specs whose rows it returns
+
+    def alone(spec: PairSpec, key: str):
+        return client.submit(pairs_task, [spec], store, results, config_dict, key=key, retries=config.retries,
+                             pure=False)
+
+    if handle.gpu:
+        for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
+            pid = spec.pair_id
             ingest = client.submit(ingest_task, spec, store, config.max_voxels, key=f"ingest-{pid}",
                                    retries=config.retries, pure=False)
             estimate = client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict, write=False,
                                      key=f"estimate-{pid}", resources=dict(GPU_RESOURCE), retries=config.retries,
                                      pure=False)
-            final = client.submit(write_task, estimate, results, config_dict, key=f"write-{pid}", priority=1,
-                                  retries=config.retries, pure=False)
-        else:
-            final = client.submit(pair_task, spec, store, results, config_dict, key=f"pair-{pid}",
-                                  retries=config.retries, pure=False)
-        futures[final] = spec
+            futures[client.submit(write_task, estimate, results, config_dict, key=f"write-{pid}", priority=1,
+                                  retries=config.retries, pure=False)] = [spec]
+    else:
+        size = pairs_per_task(len(specs), max(len(client.scheduler_info()["workers"]), config.workers or 1))
+        for start in range(0, len(specs), size):
+            batch = specs[start:start + size]
+            key = f"pair-{batch[0].pair_id}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
+            futures[client.submit(pairs_task, batch, store, results, config_dict, key=key, retries=config.retries,
+                                  pure=False)] = batch
     rows: dict[str, dict] = {}
     # results come with their futures, every finished one at once: a result() call per future cost the client a
     # round trip through its event loop each (1.5-2.5 ms per task on 2 cores, /tmp benchmark of 2,100 tasks)
     finished = as_completed(list(futures), with_results=True, raise_errors=False)
     with progress_bar(len(specs), "pairs") as bar:
-        for batch in finished.batches():
-            for future, outcome in batch:
-                spec = futures[future]
-                row = outcome if future.status == "finished" else _died(spec, outcome)
-                rows[spec.pair_id] = row
-                if row["status"] == "failed":
-                    LOGGER.warning(f"{spec.pair_id}: failed ({row.get('error')})")
-                else:
-                    LOGGER.debug(f"{spec.pair_id}: {row['status']} in {row.get('runtime_s', 0):.1f} s")
-            bar.update(len(batch))
+        for ready in finished.batches():
+            for future, outcome in ready:
+                done = futures.pop(future)
+                if future.status != "finished" and len(done) > 1:
+                    # a task of several pairs died (past its retries): each of them again on its own, so a pair
+                    # that kills its worker costs only itself (pairs already written come back from their markers)
+                    for spec in done:
+                        retry = alone(spec, f"pair-{spec.pair_id}-alone")
+                        futures[retry] = [spec]
+                        finished.add(retry)
+                    continue
+                got = [_died(done[0], outcome)] if future.status != "finished" else (
+                    outcome if isinstance(outcome, list) else [outcome])
+                for spec, row in zip(done, got, strict=True):
+                    rows[spec.pair_id] = row
+                    if row["status"] == "failed":
+                        LOGGER.warning(f"{spec.pair_id}: failed ({row.get('error')})")
+                    else:
+                        LOGGER.debug(f"{spec.pair_id}: {row['status']} in {row.get('runtime_s', 0):.1f} s")
+                bar.update(len(got))
     return [rows[s.pair_id] for s in specs]  # manifest order
+
+
+MAX_PAIRS_PER_TASK = 8
+TASKS_PER_WORKER = 16
+
+
+def pairs_per_task(pairs: int, workers: int) -> int:
+    """How many pairs one task runs on CPU workers: up to :data:`MAX_PAIRS_PER_TASK`, as long as every worker still
+    gets :data:`TASKS_PER_WORKER` tasks or more (so the last tasks end close together). One per pair for small
+    cohorts; Dask's own cost per task (several ms of CPU in the client and the worker) is then spread over
+    several pairs."""
+    return max(1, min(MAX_PAIRS_PER_TASK, pairs // (TASKS_PER_WORKER * max(workers, 1))))
 
 
 def _died(spec: PairSpec, outcome) -> dict:

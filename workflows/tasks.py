@@ -3,9 +3,11 @@ travel between machines.
 
 Two graph shapes (:func:`equiqc.workflows.run._execute` chooses):
 
-* CPU workers (one thread each): one task per pair, :func:`pair_task` = ingest, estimate, summarise, write, one
-  after another; a second task per pair would only add scheduler work (about 10 ms of the client's CPU per task
-  on a 2-core machine) and a transfer of the ingest outcome between workers.
+* CPU workers (one thread each): :func:`pairs_task`, :func:`pair_task` (ingest, estimate, summarise, write, one
+  after another) for one pair or, in a large cohort, a few pairs in one task: every Dask task costs the client and
+  the worker several ms of CPU (about 6 ms of wall per task with 2 workers on 2 cores, a /tmp benchmark of 2,100
+  empty tasks), a sizeable share of a small pair's 100 ms; a second task per pair would only add to it and
+  transfer the ingest outcome between workers.
 * GPU workers (two threads, one ``GPU`` resource): three tasks per pair, so the GPU never waits for the CPU:
   :func:`ingest_task` and :func:`write_task` (summaries and Zarr writes) run on the worker's second thread while
   :func:`estimate_task` (read, forwards, statistics) holds the GPU; the estimate stays in the worker's memory
@@ -162,6 +164,13 @@ def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception:
         return _failed(outcome, row, results_root, config.result_key())
+
+
+def pairs_task(specs: list[PairSpec], cohort_store: str, results_root: str, config_dict: dict) -> list[dict]:
+    """:func:`pair_task` for each of ``specs``, one after another (CPU workers: one Dask task for a few small pairs,
+    :func:`equiqc.workflows.run.pairs_per_task`); their report rows in the same order. Each pair is written as it
+    finishes, so a task that dies part way loses nothing already computed."""
+    return [pair_task(spec, cohort_store, results_root, config_dict) for spec in specs]
 
 
 def pair_task(spec: PairSpec, cohort_store: str, results_root: str, config_dict: dict) -> dict:
