@@ -1,14 +1,14 @@
 """What a run keeps per pair in ``results.zarr``: the storage levels of ``--store`` (one place for the concept).
 
 Measured on a 2 mm MNI demo pair (99 x 117 x 95 voxels; the raw float32 ``std_mm`` volume is 4.4 MB; Blosc
-zstd level 5 with byte shuffle; ``benchmarks/storage_levels.py``):
+zstd level 1 with byte shuffle, :data:`equiqc.storage.results.COMPRESSOR`; ``benchmarks/storage_levels.py``):
 
-* ``minimal``: ``std_mm`` (float32, 0.68x the raw volume) and ``n_valid`` (uint16, 0.01x), plus the per-pair
-  summaries in the completion marker and the report: about 0.7x;
+* ``minimal``: ``std_mm`` (float32) and ``n_valid`` (uint16, under 0.01x), plus the per-pair summaries in the
+  completion marker and the report: 0.75x the raw volume;
 * ``standard`` (default): adds ``prediction_displacement``, the unperturbed prediction as a float16
-  displacement in source voxels (0.94x; float16 rounds it by at most 0.002 voxel, 0.004 mm at 2 mm, far
+  displacement in source voxels (1.03x; float16 rounds it by at most 0.002 voxel, 0.004 mm at 2 mm, far
   below any use: export as an ITK transform, report figures; folding is computed before storage, in float32):
-  about 1.6x;
+  1.79x;
 * ``full``: every array (``covariance_mm2``, ``mean_map``, the exact float32 ``prediction_map``, the
   variance split of stochastic models): for research.
 """
