@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -72,9 +73,12 @@ def test_single_machine_clusters_bind_to_localhost():
     assert kw["threads_per_worker"] == 2  # one holds the GPU, the other ingests and writes
 
 
-def test_jobqueue_gets_only_what_the_user_set():
+def test_jobqueue_gets_only_what_the_user_set_and_the_workers_environment():
     kind, kw = cluster_kwargs(RunConfig(cluster="slurm", cluster_options={"queue": "gpu", "walltime": "02:00:00"}))
-    assert (kind, kw) == ("slurm", {"queue": "gpu", "walltime": "02:00:00"})  # no host, cores, memory, processes
+    assert (kind, kw) == ("slurm", {"queue": "gpu", "walltime": "02:00:00",  # no host, cores, memory, processes
+                                    "job_script_prologue": C.JOB_PROLOGUE})
+    _, kw = cluster_kwargs(RunConfig(cluster="pbs", cluster_options={"job_script_prologue": ["module load cuda"]}))
+    assert kw["job_script_prologue"] == ["module load cuda", *C.JOB_PROLOGUE]  # the site's lines first
 
 
 def test_gpu_jobs_two_threads_one_gpu_and_the_cores_still_booked():
@@ -193,6 +197,7 @@ def test_end_to_end_through_dask_jobqueue_local_cluster_with_gpu_resources(manif
     from dask_jobqueue.local import LocalCluster as JobqueueLocalCluster
 
     monkeypatch.setattr(C, "_jobqueue_class", lambda kind: JobqueueLocalCluster)
+    monkeypatch.setattr(C, "JOB_PROLOGUE", [])  # the stand-in execs the script's words: no shell, no prologue
     config = RunConfig(cluster="pbs", workers=1, gpus_per_worker=1, samples=2, batch_size=2, model=NEAR_FREE_MODEL,
                        cluster_options={"cores": 1, "memory": "4GB"})
     handle = make_cluster(config)
@@ -205,6 +210,30 @@ def test_end_to_end_through_dask_jobqueue_local_cluster_with_gpu_resources(manif
     finally:
         handle.close()
     assert [r["status"] for r in summary.rows] == ["complete", "complete"]
+
+
+@pytest.mark.slow
+def test_a_slurm_job_script_run_by_bash_gives_its_worker_the_local_workers_environment():
+    """The SLURM job script equiqc renders, run by bash as sbatch would (its #SBATCH lines are comments): its worker
+    joins the cluster's scheduler with the mmap threshold and without the profiler, as local workers have them."""
+    cluster = C.build_cluster(RunConfig(cluster="slurm", cluster_options={"cores": 1, "memory": "2GB",
+                                                                          "scheduler_options": {"host": "127.0.0.1"}}))
+    job = None
+    try:
+        script = cluster.job_script()
+        assert all(line in script for line in C.JOB_PROLOGUE)
+        job = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            seen = client.run(lambda: (os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                                       dask.config.get("distributed.worker.profile.enabled")))
+    finally:
+        if job is not None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        cluster.close()
+    assert list(seen.values()) == [(C.WORKER_ENVIRON["MALLOC_MMAP_THRESHOLD_"], False)]
 
 
 @pytest.mark.slow

@@ -38,13 +38,15 @@ GPU_WORKER_THREADS = 2
 # writes allocate hundreds of such arrays: 25-48 % more time per pair than without the setting (paired runs in one
 # process, 199 32^3 pairs, ingest + estimate tasks: 123 -> 182, 147 -> 209, 158 -> 197 ms). Keeping mid-size arrays
 # on the heap (mmap only from 32 MiB) brings it back within 5 % (147 -> 154, 158 -> 163 ms) while trimming stays on.
-# A SLURM/PBS job script can do the same: cluster_options job_script_prologue:
-# ["export MALLOC_MMAP_THRESHOLD_=33554432"].
 WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 # Dask configuration of those workers: no statistical profiler (a stack sample of the task thread every 10 ms: 10 to
 # 15 % of a worker's time on 32^3 pairs, measured; the dashboard's profile page stays empty, everything else works).
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
                  **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}}
+# The same for SLURM/PBS workers, which start from a job script: lines appended to its prologue (after the site's
+# own, from cluster_options or jobqueue.yaml); the worker processes inherit the job's environment.
+JOB_PROLOGUE = [*(f"export {k}={v}" for k, v in WORKER_ENVIRON.items()),
+                "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"]
 
 
 @dataclass
@@ -69,8 +71,13 @@ def uses_gpu(config: RunConfig) -> bool:
 
 
 def _jobqueue_default(kind: str, key: str):
+    """The site's ``jobqueue.<kind>.<key>`` (jobqueue.yaml, or dask-jobqueue's own default), None if unset."""
     import dask
 
+    try:
+        import dask_jobqueue  # noqa: F401  (its import registers the jobqueue defaults with dask's configuration)
+    except ImportError:
+        pass
     return dask.config.get(f"jobqueue.{kind}.{key}", None)
 
 
@@ -112,7 +119,9 @@ def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
         if config.workers:
             kwargs.setdefault("n_workers", config.workers)
         return "cuda", kwargs
-    kwargs = opts  # only what the user set: jobqueue.yaml supplies the rest
+    kwargs = opts  # only what the user set, and the workers' environment: jobqueue.yaml supplies the rest
+    prologue = list(kwargs.get("job_script_prologue") or _jobqueue_default(config.cluster, "job-script-prologue") or [])
+    kwargs["job_script_prologue"] = [*prologue, *(line for line in JOB_PROLOGUE if line not in prologue)]
     if config.gpus_per_worker:
         kind = config.cluster
         cores = kwargs.get("cores") or _jobqueue_default(kind, "cores") or 1
