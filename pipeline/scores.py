@@ -12,84 +12,136 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import stats
+from torch import Tensor
 
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.estimator import UncertaintyResult
 
 
-def map_error_mm(phi: np.ndarray, truth: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
-    """Per-voxel distance (mm) between two maps given in source voxel units."""
-    d = phi.shape[0]
-    return np.linalg.norm(np.einsum("ij,j...->i...", source_affine[:d, :d], phi - truth), axis=0)
+def map_error_mm(phi, truth, source_affine: np.ndarray):
+    """Per-voxel distance (mm) between two maps given in source voxel units, ``(D, *target)`` each: numpy arrays
+    in, a numpy array out; tensors in, a tensor out (on their device)."""
+    p = torch.as_tensor(phi)
+    g = torch.as_tensor(truth, dtype=p.dtype, device=p.device)
+    d = p.shape[0]
+    rotate = torch.as_tensor(np.asarray(source_affine)[:d, :d], dtype=p.dtype, device=p.device)
+    # (a sum of squares over the leading axis: torch's vector_norm along it took 124 ms on a 2 mm grid on CPU)
+    err = torch.einsum("ij,j...->i...", rotate, p - g).square().sum(0).sqrt()
+    return err.numpy() if isinstance(phi, np.ndarray) else err
 
 
-def fov_loss(phi: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
+def fov_loss(phi: Tensor, source_shape: tuple[int, ...]) -> Tensor:
     """Boolean map (target grid): where the map ``phi`` (source voxel units, ``(D, *target)``) points outside the
     source image's voxel centres ``[0, n - 1]`` along any axis: anatomy the registration had to invent."""
-    outside = np.zeros(phi.shape[1:], bool)
+    outside = torch.zeros(phi.shape[1:], dtype=torch.bool, device=phi.device)
     for d, n in enumerate(source_shape):
-        outside |= (phi[d] < 0) | (phi[d] > n - 1) | ~np.isfinite(phi[d])
+        outside |= (phi[d] < 0) | (phi[d] > n - 1) | ~torch.isfinite(phi[d])
     return outside
 
 
-def similarity_after_registration(source: np.ndarray, target: np.ndarray, phi: np.ndarray, region: np.ndarray) -> float:
+def _select(values: Tensor, region: Tensor) -> Tensor:
+    """``values`` inside ``region``: a boolean mask of their shape, or flat indices into them (int64), which on CPU
+    select 10x faster than the mask (32 vs 433 us at 32^3; the indices once: 200 us)."""
+    return values.flatten().index_select(0, region) if region.dtype == torch.long else values[region]
+
+
+def similarity_after_registration(source: Tensor, target: Tensor, phi: Tensor, region: Tensor) -> float:
     """Normalised cross-correlation (Pearson) of the source warped by ``phi`` (source voxels, ``(D, *target)``)
-    and the target over ``region``: 1 for a perfect match up to intensity scale; NaN when either is constant."""
-    warped = T.warp(torch.as_tensor(source, dtype=torch.float32)[None, None],
-                    torch.as_tensor(phi, dtype=torch.float32)[None])[0, 0].numpy()
-    a, b = warped[region].astype(np.float64), np.asarray(target)[region].astype(np.float64)
-    if a.size < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    and the target over ``region`` (a mask or flat indices, :func:`_select`; tensors on one device): 1 for a
+    perfect match up to intensity scale; NaN when either is constant."""
+    warped = T.warp(source.float()[None, None], phi.float()[None])[0, 0]
+    a, b = _select(warped, region).double(), _select(target, region).double()
+    a, b = a - a.mean(), b - b.mean()
+    scale = float((a.square().sum() * b.square().sum()).sqrt())
+    return float((a * b).sum()) / scale if a.numel() >= 3 and scale > 0 else float("nan")
+
+
+def quantile(values: Tensor, q: float) -> float:
+    """numpy's default (linear) quantile of a 1-D tensor, by selection: ``torch.quantile`` refuses inputs of more
+    than 2^24 values (a 1 mm field of view holds 8.7 million voxels, a 0.7 mm one 25 million)."""
+    position = q * (values.numel() - 1)
+    below = int(np.floor(position))
+    low = torch.kthvalue(values, below + 1).values
+    if position == below:
+        return float(low)
+    high = torch.kthvalue(values, below + 2).values
+    return float(low + (high - low) * (position - below))
+
+
+SUMMARY_KEYS = ("uncertainty_mean_mm", "uncertainty_median_mm", "uncertainty_p95_mm", "frac_above_1mm",
+                "frac_above_2mm", "folding_fraction", "fov_loss_fraction", "similarity_ncc")
 
 
 def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: np.ndarray | None = None,
-                 labels: dict[str, np.ndarray] | None = None, ground_truth: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, ground_truth: np.ndarray | None = None,
                  source_shape: tuple[int, ...] | None = None, source: np.ndarray | None = None,
-                 target: np.ndarray | None = None) -> dict:
-    """Summaries of one pair's result over ``region`` (bool, target grid), per label, and vs ground truth.
+                 target: np.ndarray | None = None, label_names: dict[int, str] | None = None,
+                 device: str | torch.device = "cpu") -> dict:
+    """Summaries of one pair's result over ``region`` (bool, target grid), per label, and vs ground truth, computed
+    with torch on ``device`` (a GPU worker summarises on its GPU, a few ms, instead of seconds of CPU at 1 mm).
 
-    ``labels``: name -> boolean mask on the target grid; gives ``uncertainty_mean_mm_<name>``.
+    ``labels``: an integer label volume on the target grid; gives ``uncertainty_mean_mm_<name>`` for every nonzero
+    label in it (NaN when none of its voxels is in the region), ``<name>`` from ``label_names`` (label value ->
+    name), else ``label<value>``.
     ``source_shape``: the source grid's shape; gives ``fov_loss_fraction``, the fraction of the region that the
     unperturbed prediction maps outside the source image (:func:`fov_loss`).
     ``source`` and ``target`` (the images): give ``similarity_ncc``, their correlation after registration by the
     unperturbed prediction over the region (:func:`similarity_after_registration`).
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
-    unperturbed prediction, the registration a user uses) and ``tta_error_mean_mm`` (of the mean map).
+    unperturbed prediction, the registration a user uses), ``tta_error_mean_mm`` (of the mean map) and
+    ``voxel_spearman_std_error``.
+    Fractions and means are over the region's voxels, in float64; quantiles interpolate linearly, as numpy's.
     """
-    valid = np.isfinite(result.std_mm)  # where the estimator reported a spread (enough valid samples)
-    region = valid if region is None else (region.astype(bool) & valid)
-    std = result.std_mm[region].astype(np.float64)
-    out: dict = {"n_region_voxels": int(region.sum())}
-    if std.size == 0:
-        out.update({k: np.nan for k in ("uncertainty_mean_mm", "uncertainty_median_mm", "uncertainty_p95_mm",
-                                        "frac_above_1mm", "frac_above_2mm", "folding_fraction", "fov_loss_fraction",
-                                        "similarity_ncc")})
+    dev = torch.device(device)
+    std_all = torch.as_tensor(result.std_mm, device=dev)
+    valid = torch.isfinite(std_all)  # where the estimator reported a spread (enough valid samples)
+    mask = valid if region is None else (torch.as_tensor(region, device=dev).bool() & valid)
+    region = mask.flatten().nonzero().squeeze(1)  # flat indices: selected once, used for every map below
+    std = _select(std_all, region).double()
+    out: dict = {"n_region_voxels": int(std.numel())}
+    phi = torch.as_tensor(result.prediction_map, dtype=torch.float32, device=dev)
+    if std.numel() == 0:
+        out.update(dict.fromkeys(SUMMARY_KEYS, np.nan))
     else:
-        jac = T.jacobian_determinant(torch.as_tensor(result.prediction_map, dtype=torch.float64)[None])
+        jac = T.jacobian_determinant(phi.double()[None])[0]
         out.update({
             "uncertainty_mean_mm": float(std.mean()),
-            "uncertainty_median_mm": float(np.median(std)),
-            "uncertainty_p95_mm": float(np.percentile(std, 95)),
-            "frac_above_1mm": float((std > 1.0).mean()),
-            "frac_above_2mm": float((std > 2.0).mean()),
-            "folding_fraction": float((jac[0].numpy()[region] <= 0).mean()),
-            "fov_loss_fraction": fov_loss(result.prediction_map, source_shape)[region].mean().item()
+            "uncertainty_median_mm": quantile(std, 0.5),
+            "uncertainty_p95_mm": quantile(std, 0.95),
+            "frac_above_1mm": float((std > 1.0).double().mean()),
+            "frac_above_2mm": float((std > 2.0).double().mean()),
+            "folding_fraction": float((_select(jac, region) <= 0).double().mean()),
+            "fov_loss_fraction": float(_select(fov_loss(phi, source_shape), region).double().mean())
             if source_shape is not None else np.nan,
-            "similarity_ncc": similarity_after_registration(source, target, result.prediction_map, region)
+            "similarity_ncc": similarity_after_registration(torch.as_tensor(source, device=dev),
+                                                            torch.as_tensor(target, device=dev), phi, region)
             if source is not None and target is not None else np.nan,
         })
-    for name, mask in (labels or {}).items():
-        sel = mask.astype(bool) & region
-        out[f"uncertainty_mean_mm_{name}"] = float(result.std_mm[sel].mean()) if sel.any() else np.nan
+    if labels is not None:
+        out.update(_label_means(torch.as_tensor(labels, device=dev), region, std, label_names or {}))
     if ground_truth is not None:
-        err = map_error_mm(result.prediction_map, ground_truth, source_affine)
-        out["true_error_mean_mm"] = float(err[region].mean()) if region.any() else np.nan
-        tta = map_error_mm(np.nan_to_num(result.mean_map), ground_truth, source_affine)
-        out["tta_error_mean_mm"] = float(tta[region].mean()) if region.any() else np.nan
-        if region.any():  # voxel-level agreement of uncertainty with the prediction's true error
-            out["voxel_spearman_std_error"] = spearman(std, err[region])
+        truth = torch.as_tensor(ground_truth, dtype=torch.float32, device=dev)
+        err = _select(map_error_mm(phi, truth, source_affine), region).double()
+        tta = _select(map_error_mm(torch.nan_to_num(torch.as_tensor(result.mean_map, device=dev).float()), truth,
+                                   source_affine), region).double()
+        out["true_error_mean_mm"] = float(err.mean()) if err.numel() else np.nan
+        out["tta_error_mean_mm"] = float(tta.mean()) if tta.numel() else np.nan
+        if err.numel():  # voxel-level agreement of uncertainty with the prediction's true error
+            out["voxel_spearman_std_error"] = spearman(std.cpu().numpy(), err.cpu().numpy())
     return out
+
+
+def _label_means(labels: Tensor, region: Tensor, std: Tensor, names: dict[int, str]) -> dict[str, float]:
+    """``uncertainty_mean_mm_<name>`` of every nonzero label of ``labels``: the mean of ``std`` (the region's
+    values, float64) over the label's voxels in ``region`` (flat indices), by one bincount for all labels."""
+    values = torch.unique(labels)
+    values = values[values != 0]
+    inside, index = torch.unique(_select(labels, region), return_inverse=True)
+    sums = torch.bincount(index, weights=std, minlength=inside.numel())
+    counts = torch.bincount(index, minlength=inside.numel())
+    means = dict(zip(inside.tolist(), (sums / counts).tolist(), strict=True))
+    return {f"uncertainty_mean_mm_{names.get(int(v), f'label{int(v)}')}": means.get(int(v), np.nan)
+            for v in values.tolist()}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

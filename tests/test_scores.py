@@ -8,13 +8,16 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from cohorts import NEAR_FREE_MODEL, TESTS, tiny_cohort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from equiqc.pipeline import transforms as T
 from equiqc.pipeline.decision import REASONS, RISK_BOUND, DecisionRules, decide
-from equiqc.pipeline.scores import auroc, spearman
+from equiqc.pipeline.estimator import UncertaintyResult
+from equiqc.pipeline.scores import SUMMARY_KEYS, auroc, pair_summary, spearman
 from equiqc.storage.decisions import RatingsError, read_ratings, session_of
 from equiqc.workflows.cli import main
 
@@ -169,9 +172,9 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
 def test_fov_loss_counts_what_the_prediction_maps_outside_the_source():
     from equiqc.pipeline.scores import fov_loss
 
-    phi = np.stack(np.meshgrid(np.arange(4.0), np.arange(3.0), indexing="ij"))  # identity on a 4 x 3 grid
+    phi = torch.as_tensor(np.stack(np.meshgrid(np.arange(4.0), np.arange(3.0), indexing="ij")))  # identity, 4 x 3
     assert not fov_loss(phi, (4, 3)).any()
-    shifted = phi + np.array([1.0, 0.0])[:, None, None]  # one row beyond the last source voxel centre
+    shifted = phi + torch.tensor([1.0, 0.0])[:, None, None]  # one row beyond the last source voxel centre
     assert fov_loss(shifted, (4, 3)).sum() == 3
     rows = decide([*normal(6), row("fov", fov_loss_fraction=0.3)])
     assert next(r for r in rows if r["pair_id"] == "fov")["flag_reasons"] == ["fov"]
@@ -181,22 +184,96 @@ def test_similarity_after_registration_and_its_reason():
     from equiqc.pipeline.scores import similarity_after_registration
 
     rng = np.random.default_rng(0)
-    image = rng.random((6, 7, 5)).astype(np.float32)
-    identity = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in image.shape], indexing="ij"))
-    region = np.ones(image.shape, bool)
+    image = torch.as_tensor(rng.random((6, 7, 5)), dtype=torch.float32)
+    identity = T.identity_grid(image.shape)[0]
+    region = torch.ones(image.shape, dtype=torch.bool)
     assert similarity_after_registration(image, 2 * image + 1, identity, region) == pytest.approx(1.0)
-    assert abs(similarity_after_registration(image, rng.random(image.shape), identity, region)) < 0.3
+    assert abs(similarity_after_registration(image, torch.rand(image.shape), identity, region)) < 0.3
+    assert math.isnan(similarity_after_registration(image, torch.ones(image.shape), identity, region))
     cohort = [row(f"s{i}", similarity_ncc=0.9 + 0.005 * i) for i in range(8)]
     rows = decide([*cohort, row("bad", similarity_ncc=0.4)])
     assert next(r for r in rows if r["pair_id"] == "bad")["flag_reasons"] == ["similarity"]
     assert all(not r["flag_reasons"] for r in rows if r["pair_id"] != "bad")
 
 
+def _result(std: np.ndarray, phi: np.ndarray | None = None, mean_map: np.ndarray | None = None) -> UncertaintyResult:
+    """A result holding ``std`` (mm) and a prediction ``phi`` (identity by default), source voxels."""
+    phi = T.identity_grid(std.shape)[0].numpy() if phi is None else phi
+    return UncertaintyResult(std_mm=std.astype(np.float32), covariance_mm2=None, components=(), n_samples=4,
+                             mean_map=phi if mean_map is None else mean_map, prediction_map=phi.astype(np.float32),
+                             n_valid=np.full(std.shape, 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(st.integers(2, 9), st.integers(2, 9), st.integers(2, 9)), st.integers(0, 2**31 - 1),
+       st.floats(0.0, 0.9), st.floats(0.0, 1.0))
+def test_pair_summary_statistics_are_numpys_over_the_region(shape, seed, nan_fraction, region_fraction):
+    rng = np.random.default_rng(seed)
+    std = rng.gamma(2.0, 0.8, shape)  # mm, around the 1 and 2 mm thresholds
+    std[rng.random(shape) < nan_fraction] = np.nan  # voxels without enough valid samples
+    region = rng.random(shape) < region_fraction
+    got = pair_summary(_result(std), np.diag([2.0, 2.0, 2.0, 1.0]), region)
+    inside = std.astype(np.float32)[region & np.isfinite(std)].astype(np.float64)
+    assert got["n_region_voxels"] == inside.size
+    if inside.size == 0:
+        assert all(math.isnan(got[k]) for k in SUMMARY_KEYS)
+        return
+    expected = {"uncertainty_mean_mm": inside.mean(), "uncertainty_median_mm": np.median(inside),
+                "uncertainty_p95_mm": np.percentile(inside, 95), "frac_above_1mm": (inside > 1).mean(),
+                "frac_above_2mm": (inside > 2).mean(), "folding_fraction": 0.0}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_pair_summary_analytic_folding_fov_labels_and_true_error():
+    shape = (8, 6, 5)
+    std = np.ones(shape)
+    std[:4] = 3.0  # the first half of x
+    identity = T.identity_grid(shape)[0].numpy()
+    flipped = identity.copy()
+    flipped[0] = shape[0] - 1 - identity[0]  # x mirrored: every Jacobian determinant is -1
+    shifted = identity + np.array([2.0, 0, 0], np.float32)[:, None, None, None]  # 2 of 8 columns beyond the source
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = np.random.default_rng(1).random(shape).astype(np.float32)
+    assert pair_summary(_result(std, flipped), affine)["folding_fraction"] == 1.0
+    assert pair_summary(_result(std), affine)["folding_fraction"] == 0.0
+    assert pair_summary(_result(std, shifted), affine, source_shape=shape)["fov_loss_fraction"] == 2 / 8
+    assert pair_summary(_result(std), affine, source=image, target=image)["similarity_ncc"] == pytest.approx(1.0)
+    labels = np.zeros(shape, np.int32)
+    labels[:2], labels[6:], labels[3, 0, 0] = 3, 7, 9  # label 9: a voxel outside the region below
+    region = np.ones(shape, bool)
+    region[3] = False
+    got = pair_summary(_result(std), affine, region, labels, label_names={3: "gm"})
+    assert got["uncertainty_mean_mm_gm"] == 3.0 and got["uncertainty_mean_mm_label7"] == 1.0
+    assert math.isnan(got["uncertainty_mean_mm_label9"]) and "uncertainty_mean_mm_label0" not in got
+    # the true map one source voxel further along x than the prediction: 2 mm of error everywhere; the mean map
+    # (test-time augmented) two voxels off
+    truth = identity + np.array([1.0, 0, 0], np.float32)[:, None, None, None]
+    mean_map = identity - np.array([1.0, 0, 0], np.float32)[:, None, None, None]
+    got = pair_summary(_result(std, mean_map=mean_map), affine, ground_truth=truth)
+    assert got["true_error_mean_mm"] == pytest.approx(2.0) and got["tta_error_mean_mm"] == pytest.approx(4.0)
+    assert got["n_region_voxels"] == std.size
+
+
+@pytest.mark.gpu
+def test_pair_summary_on_a_gpu_equals_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(3)
+    shape = (40, 48, 36)
+    std = rng.gamma(2.0, 0.8, shape)
+    phi = T.identity_grid(shape)[0].numpy() + rng.normal(0, 0.3, (3, *shape)).astype(np.float32)
+    image, labels = rng.random(shape).astype(np.float32), rng.integers(0, 5, shape)
+    kwargs = dict(labels=labels, ground_truth=phi + 0.5, source_shape=shape, source=image, target=image)
+    cpu = pair_summary(_result(std, phi), np.eye(4), std > 0.5, **kwargs)
+    gpu = pair_summary(_result(std, phi), np.eye(4), std > 0.5, device="cuda", **kwargs)
+    assert cpu.keys() == gpu.keys()
+    for key in cpu:
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-5, abs=1e-6), key
+
+
 @pytest.mark.parametrize("shape", [(9, 8), (7, 6, 5)])
 def test_closed_form_jacobian_determinant_equals_numpys(shape):
-    import torch
-
-    from equiqc.pipeline import transforms as T
 
     phi = np.indices(shape).astype(np.float64) + np.random.default_rng(1).normal(0, 0.4, (len(shape), *shape))
     grads = [np.gradient(phi[i]) for i in range(len(shape))]

@@ -9,8 +9,9 @@ Two graph shapes (:func:`equiqc.workflows.run._execute` chooses):
   empty tasks), a sizeable share of a small pair's 100 ms; a second task per pair would only add to it and
   transfer the ingest outcome between workers.
 * GPU workers (two threads, one ``GPU`` resource): three tasks per pair, so the GPU never waits for the CPU:
-  :func:`ingest_task` and :func:`write_task` (summaries and Zarr writes) run on the worker's second thread while
-  :func:`estimate_task` (read, forwards, statistics) holds the GPU; the estimate stays in the worker's memory
+  :func:`ingest_task` and :func:`write_task` (Zarr writes) run on the worker's second thread while
+  :func:`estimate_task` (read, forwards, statistics, and the pair's summaries on the GPU, :func:`summarise`)
+  holds the GPU; the estimate stays in the worker's memory
   (:class:`Estimated`) until its write task, which Dask runs on the same worker (its dependency is there) and
   ahead of further ingests (priority).
 
@@ -75,12 +76,15 @@ def base_row(outcome: IngestOutcome, subject_id: str, config: RunConfig) -> dict
             "perturbation": est.perturbation.kind, "seed": config.seed, "n_samples": n}
 
 
-def label_masks(stored, config: RunConfig) -> dict[str, np.ndarray]:
-    if "target_labels" not in stored:
-        return {}
-    labels = stored["target_labels"].data
-    names = {int(k): str(v) for k, v in config.label_names.items()}
-    return {names.get(int(v), f"label{int(v)}"): labels == v for v in np.unique(labels) if v != 0}
+def summarise(result: UncertaintyResult, stored: dict, config: RunConfig, device: str = "cpu") -> dict:
+    """The pair's report summaries (:func:`~equiqc.pipeline.scores.pair_summary`) over its target mask, per label of
+    its target label map, against its ground truth when it has one; computed on ``device``."""
+    src, tgt = stored["source"], stored["target"]
+    pick = lambda role: stored[role].data if role in stored else None  # noqa: E731
+    region = pick("target_mask")
+    return pair_summary(result, src.affine, None if region is None else region > 0, pick("target_labels"),
+                        pick("ground_truth"), source_shape=src.data.shape, source=src.data, target=tgt.data,
+                        label_names={int(k): str(v) for k, v in config.label_names.items()}, device=device)
 
 
 def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, config: RunConfig) -> dict | None:
@@ -94,14 +98,16 @@ def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, 
 
 @dataclass
 class Estimated:
-    """A pair estimated but not yet summarised and written (held in a GPU worker's memory between
-    :func:`estimate_task` and :func:`write_task`); ``seconds``: the estimation's wall time."""
+    """A pair estimated but not yet written (held in a GPU worker's memory between :func:`estimate_task` and
+    :func:`write_task`); ``seconds``: the estimation's wall time; ``summary``: its summaries when the estimation
+    task computed them (on the GPU), else None (the write task computes them)."""
 
     outcome: IngestOutcome
     subject_id: str
     result: UncertaintyResult
     stored: dict
     seconds: float
+    summary: dict | None = None
 
 
 def _failed(outcome: IngestOutcome, row: dict, results_root: str, key: dict) -> dict:
@@ -135,7 +141,10 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         src, tgt = stored["source"], stored["target"]
         result = estimate_uncertainty(get_backend(config), src.data, tgt.data, src.affine, tgt.affine,
                                       config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id))
-        estimated = Estimated(outcome, subject_id, result, stored, time.perf_counter() - start)
+        # a GPU worker summarises on its device while it holds it (a few ms there, seconds of CPU at 1 mm); its
+        # write task then only writes
+        summary = None if write else summarise(result, stored, config, worker_device())
+        estimated = Estimated(outcome, subject_id, result, stored, time.perf_counter() - start, summary)
     except Exception:  # one bad pair never stops the cohort: report it and carry on
         return _failed(outcome, row, results_root, config.result_key())
     return write_task(estimated, results_root, config_dict) if write else estimated
@@ -151,16 +160,12 @@ def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict
     row = base_row(outcome, estimated.subject_id, config)
     try:
         start = time.perf_counter()
-        src, tgt = stored["source"], stored["target"]
-        region = stored["target_mask"].data > 0 if "target_mask" in stored else None
-        truth = stored["ground_truth"].data if "ground_truth" in stored else None
-        summary = pair_summary(result, src.affine, region, label_masks(stored, config), truth,
-                               source_shape=src.data.shape, source=src.data, target=tgt.data)
+        summary = estimated.summary if estimated.summary is not None else summarise(result, stored, config)
         runtime = estimated.seconds + time.perf_counter() - start
-        R.write_result(results_root, outcome.pair_id, result, tgt.affine, config.result_key(), outcome.input_hash,
-                       extra={"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
-                              "timings_s": result.timings_s, "source_affine": src.affine.tolist()},
-                       overwrite=config.overwrite, level=config.store)
+        extra = {"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
+                 "timings_s": result.timings_s, "source_affine": stored["source"].affine.tolist()}
+        R.write_result(results_root, outcome.pair_id, result, stored["target"].affine, config.result_key(),
+                       outcome.input_hash, extra=extra, overwrite=config.overwrite, level=config.store)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception:
         return _failed(outcome, row, results_root, config.result_key())
