@@ -299,17 +299,27 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
         pairs = [k for k, _ in root_group.groups()]
         raise ResultNotFound(f"pair {pair_id!r} has no results in {root}; pairs with results: {_listing(pairs)}"
                              ) from None
-    arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
-    if name == "prediction_map" and name not in arrays and "prediction_displacement" in arrays:
+    def member(array: str):
+        """The array opened by name (listing the group's members costs 4 ms more per read)."""
+        if array in (*AXES, "component", "axis"):  # coordinates stored as arrays by older versions
+            return None
+        try:
+            found = group[array]
+        except KeyError:
+            return None
+        return found if isinstance(found, zarr.Array) else None
+
+    arr = member(name)
+    if arr is None and name == "prediction_map" and member("prediction_displacement") is not None:
         arr = group["prediction_displacement"]  # the standard level: the map is identity + displacement
         displacement = arr[...].astype(np.float32)
         return displacement + np.indices(displacement.shape[1:], dtype=np.float32), {
             **dict(arr.attrs), "affine": group.attrs["affine"]}
-    if name not in arrays:
+    if arr is None:
+        arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
         level = (group.attrs.get(MARKER) or {}).get("store")
         hint = f" (stored at level {level!r}; --store full keeps every array)" if level else ""
         raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}{hint}")
-    arr = group[name]
     return arr[...], {**dict(arr.attrs), "affine": group.attrs["affine"]}
 
 
