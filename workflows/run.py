@@ -306,11 +306,6 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
     open_results(results)
     config_dict = config.to_dict()
     futures: dict = {}  # future -> the specs whose rows it returns
-
-    def alone(spec: PairSpec, key: str):
-        return client.submit(pairs_task, [spec], store, results, config_dict, key=key, retries=config.retries,
-                             pure=False)
-
     if handle.gpu:
         for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
             pid = spec.pair_id
@@ -340,7 +335,8 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
                     # a task of several pairs died (past its retries): each of them again on its own, so a pair
                     # that kills its worker costs only itself (pairs already written come back from their markers)
                     for spec in done:
-                        retry = alone(spec, f"pair-{spec.pair_id}-alone")
+                        retry = client.submit(pairs_task, [spec], store, results, config_dict,
+                                              key=f"pair-{spec.pair_id}-alone", retries=config.retries, pure=False)
                         futures[retry] = [spec]
                         finished.add(retry)
                     continue
