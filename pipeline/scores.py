@@ -18,7 +18,8 @@ from equiqc.pipeline import transforms as T
 from equiqc.pipeline.estimator import UncertaintyResult
 
 
-def map_error_mm(phi, truth, source_affine: np.ndarray):
+def map_error_mm(phi: np.ndarray | Tensor, truth: np.ndarray | Tensor,
+                 source_affine: np.ndarray) -> np.ndarray | Tensor:
     """Per-voxel distance (mm) between two maps given in source voxel units, ``(D, *target)`` each: numpy arrays
     in, a numpy array out; tensors in, a tensor out (on their device)."""
     p = torch.as_tensor(phi)

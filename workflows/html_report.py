@@ -127,8 +127,8 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> bytes:
     smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
     vmax = max(float(np.nanpercentile(shown, 99)) if region.any() else 1.0, 1e-6)
-    # coloured slice by slice (three planes, not the volumes): under the uncertainty the anatomy dimmed, shown
-    # outside the region
+    # coloured plane by plane, not as whole volumes; in the std_mm row, voxels outside the region show the anatomy
+    # dimmed
     heat = [np.where(np.isfinite(s)[..., None], _coloured("magma", np.nan_to_num(s) / vmax), _coloured("gray", a / 2.5))
             for s, a in zip(_views(shown, centre), _views(anatomy, centre), strict=True)]
     rows = [("target", [_coloured("gray", a) for a in _views(anatomy, centre)]),
