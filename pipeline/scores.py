@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 from equiqc.pipeline import transforms as T
@@ -147,6 +146,8 @@ def _label_means(labels: Tensor, region: Tensor, std: Tensor, names: dict[int, s
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (ties get average ranks; scipy); NaN for fewer than 3 values or a constant input."""
+    from scipy import stats  # here, not at the top: 1.3 s of import that every worker's summaries would pay
+
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return float("nan")
@@ -156,6 +157,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for boolean ``positives``: the Mann-Whitney U statistic over
     ``n_pos n_neg`` (ties count half; scipy). NaN when either class is empty or a score is not finite."""
+    from scipy import stats
+
     scores, positives = np.asarray(scores, float), np.asarray(positives, bool)
     pos, neg = scores[positives], scores[~positives]
     if pos.size == 0 or neg.size == 0 or not np.isfinite(scores).all():
