@@ -167,9 +167,18 @@ def test_a_task_that_dies_is_split_and_only_its_bad_pair_fails_with_its_tracebac
     assert "dies_with_the_second" in crash and "RuntimeError: the worker died" in crash
 
 
-def test_pairs_per_task_batches_only_large_cohorts():
-    from equiqc.workflows.run import MAX_PAIRS_PER_TASK, TASKS_PER_WORKER, pairs_per_task
+def test_pairs_per_task_batches_only_large_cohorts_of_the_workers_planned():
+    from equiqc.workflows.run import MAX_PAIRS_PER_TASK, TASKS_PER_WORKER, expected_workers, pairs_per_task
 
     assert pairs_per_task(4, 2) == 1 and pairs_per_task(0, 0) == 1
     assert pairs_per_task(2000, 2) == MAX_PAIRS_PER_TASK
     assert pairs_per_task(TASKS_PER_WORKER * 2 * 3, 2) == 3  # every worker still gets TASKS_PER_WORKER tasks
+    # workers asked for but not yet connected (jobs in a queue) count: the batches are sized for them
+    cluster = LocalCluster(n_workers=0, processes=False, dashboard_address=":0")
+    handle = ClusterHandle(Client(cluster), cluster, False)
+    try:
+        cluster.scale(3)
+        assert expected_workers(handle) == 3
+        assert expected_workers(ClusterHandle(handle.client, None, False)) >= 1  # an external scheduler
+    finally:
+        handle.close()

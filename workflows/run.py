@@ -317,7 +317,7 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
             futures[client.submit(write_task, estimate, results, config_dict, key=f"write-{pid}", priority=1,
                                   retries=config.retries, pure=False)] = [spec]
     else:
-        size = pairs_per_task(len(specs), max(len(client.scheduler_info()["workers"]), config.workers or 1))
+        size = pairs_per_task(len(specs), expected_workers(handle))
         for start in range(0, len(specs), size):
             batch = specs[start:start + size]
             key = f"pair-{batch[0].pair_id}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
@@ -362,6 +362,13 @@ def pairs_per_task(pairs: int, workers: int) -> int:
     cohorts; Dask's own cost per task (several ms of CPU in the client and the worker) is then spread over
     several pairs."""
     return max(1, min(MAX_PAIRS_PER_TASK, pairs // (TASKS_PER_WORKER * max(workers, 1))))
+
+
+def expected_workers(handle: ClusterHandle) -> int:
+    """The workers the run will have: those connected now, or the cluster's plan when more are coming (a SLURM/PBS
+    cluster's jobs, each maybe several worker processes, may still wait in the queue when the tasks are made)."""
+    planned = len(getattr(handle.cluster, "plan", ()) or ())
+    return max(1, planned, len(handle.client.scheduler_info()["workers"]))
 
 
 def _died(spec: PairSpec, outcome) -> dict:
