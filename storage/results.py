@@ -310,11 +310,12 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
         return found if isinstance(found, zarr.Array) else None
 
     arr = member(name)
-    if arr is None and name == "prediction_map" and member("prediction_displacement") is not None:
-        arr = group["prediction_displacement"]  # the standard level: the map is identity + displacement
-        displacement = arr[...].astype(np.float32)
-        return displacement + np.indices(displacement.shape[1:], dtype=np.float32), {
-            **dict(arr.attrs), "affine": group.attrs["affine"]}
+    if arr is None and name == "prediction_map":
+        stored = member("prediction_displacement")  # the standard level: the map is identity + displacement
+        if stored is not None:
+            displacement = stored[...].astype(np.float32)
+            return displacement + np.indices(displacement.shape[1:], dtype=np.float32), {
+                **dict(stored.attrs), "affine": group.attrs["affine"]}
     if arr is None:
         arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
         level = (group.attrs.get(MARKER) or {}).get("store")

@@ -129,16 +129,18 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> bytes:
     vmax = max(float(np.nanpercentile(shown, 99)) if region.any() else 1.0, 1e-6)
     # coloured plane by plane, not as whole volumes; in the std_mm row, voxels outside the region show the anatomy
     # dimmed
+    planes = _views(anatomy, centre)
     heat = [np.where(np.isfinite(s)[..., None], _coloured("magma", np.nan_to_num(s) / vmax), _coloured("gray", a / 2.5))
-            for s, a in zip(_views(shown, centre), _views(anatomy, centre), strict=True)]
-    rows = [("target", [_coloured("gray", a) for a in _views(anatomy, centre)]),
+            for s, a in zip(_views(shown, centre), planes, strict=True)]
+    rows = [("target", [_coloured("gray", a) for a in planes]),
             (middle[0], [_coloured("gray", m) for m in _views(middle[1], centre)]), ("std_mm", heat)]
     return _mosaic_png(pair_id, centre, rows, vmax)
 
 
-# The pair figure is composed with Pillow (panels pasted at an integer zoom, titles and the colour bar's labels as
-# text): matplotlib drew the same page in about 0.25 s, mostly its text and axis machinery, which at a few hundred
-# flagged pairs was most of a cohort run's report time; the panels are images, not plots.
+# The pair figure is composed with Pillow (panels pasted at one zoom for all, nearest-neighbour, titles and the
+# colour bar's labels as text): matplotlib drew the same page in about 0.25 s, mostly its text and axis
+# machinery, which at a few hundred flagged pairs was most of a cohort run's report time; the panels are images,
+# not plots.
 FIGURE_WIDTH = 680  # px, the PNG's width; report.html shows it 800 px wide
 _PAD, _GAP, _BAR = 8, 12, 90  # px: margins, gap between panels, room for the colour bar and its labels
 
