@@ -17,9 +17,8 @@ bytes), ``path`` and ``header`` (the NIfTI header fields outputs on this grid co
 :func:`equiqc.storage.nifti.header_fields`). Images are stored as float32, masks as uint8, labels as int32,
 ground-truth maps as float32 ``(3, X, Y, Z)``.
 
-Chunks are 64^3 voxels (1 MiB of float32): a worker reads a whole volume, so chunks only need to be
-large enough to compress well and to be read in parallel, and small enough that a slice view (the HTML
-report) touches few of them. Arrays use Zarr's default compression (zstd).
+Chunks are 64^3 voxels (:func:`equiqc.storage.arrays.chunks_for`); arrays use Zarr's default compression (zstd)
+and are written by path, one Zarr call each (:mod:`equiqc.storage.arrays`).
 
 Ingest is idempotent: the pair group records the hashes of its input files, and re-ingesting unchanged
 files is skipped. A changed file replaces the whole pair (and its new ``input_hash`` makes any stored
@@ -41,10 +40,10 @@ import nibabel as nib
 import numpy as np
 import zarr
 
+from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.manifest import PairSpec
 from equiqc.storage.nifti import Volume, VolumeError, load_volume
 
-CHUNK = 64
 PAIRS = "pairs"  # one group per pair: which volume is each role, status, hashes (and the ground truth)
 VOLUMES = "volumes"  # content-addressed input volumes, shared by the pairs that use the same file
 ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
@@ -237,21 +236,21 @@ def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = 
     nothing was loaded (a pair already ingested, or a failed one)."""
     if not (Path(store) / PAIRS / "zarr.json").exists():
         open_cohort(store)
-    pairs = _group(store, PAIRS, mode="r+")
+    folder = Path(store) / PAIRS / spec.pair_id
     try:
         hashes, input_hash = input_hashes(spec)
     except OSError as exc:
         missing = next((f"{r} {p}" for r, p in spec.roles.items() if not p.exists()), str(exc))
-        return _record_failure(pairs, spec, f"{missing}: file not found or unreadable", None), None
-    if (Path(store) / PAIRS / spec.pair_id / "zarr.json").exists():
-        attrs = dict(pairs[spec.pair_id].attrs)
+        return _record_failure(folder, spec, f"{missing}: file not found or unreadable", None), None
+    if (folder / "zarr.json").exists():
+        attrs = dict(_group(store, PAIRS, spec.pair_id).attrs)
         if attrs.get("input_hash") == input_hash and attrs.get("status") in ("ok", "failed"):
             return IngestOutcome(spec.pair_id, "unchanged" if attrs["status"] == "ok" else "failed",
                                  attrs.get("error"), input_hash), None
     try:
         loaded = load_pair(spec, max_voxels, hashes)
     except VolumeError as exc:
-        return _record_failure(pairs, spec, str(exc), input_hash), None
+        return _record_failure(folder, spec, str(exc), input_hash), None
     shared, own, kept = {}, {}, {}
     for role, (data, vol) in loaded.items():
         attrs = {"affine": vol.affine.tolist(), "original_affine": vol.original_affine.tolist(),
@@ -267,19 +266,12 @@ def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = 
     done = {"status": "ok", "error": None, "input_hash": input_hash, "subject_id": spec.subject_id,
             "roles": sorted(loaded), "volumes": shared, "paths": {role: str(spec.path(role)) for role in loaded}}
     # the attributes say "ok" only once everything is written: with the group when it holds no array of its own
-    group = pairs.create_group(spec.pair_id, overwrite=True, attributes={} if own else done)
+    group = new_group(folder, {} if own else done)
     for role, (data, attrs) in own.items():
-        _write_array(group, role, data, attrs)
+        write_array(folder / role, data, attrs)
     if own:
         group.update_attributes(done)  # one metadata write (attrs.update writes once per key)
     return IngestOutcome(spec.pair_id, "ingested", None, input_hash), kept
-
-
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
-    chunks = tuple(min(CHUNK, n) for n in data.shape[-3:])
-    if data.ndim == 4:
-        chunks = (data.shape[0], *chunks)
-    group.create_array(name, data=data, chunks=chunks, attributes=attrs)  # one zarr call (about 6 ms CPU each)
 
 
 def _store_shared(store: str | Path, key: str, data: np.ndarray, attrs: dict) -> None:
@@ -288,7 +280,7 @@ def _store_shared(store: str | Path, key: str, data: np.ndarray, attrs: dict) ->
     if (folder / key / "zarr.json").exists():
         return
     tmp = f".tmp-{uuid.uuid4().hex}"
-    _write_array(zarr.open_group(str(folder), mode="r+", zarr_format=3), tmp, data, attrs)
+    write_array(folder / tmp, data, attrs)
     try:
         os.rename(folder / tmp, folder / key)
     except OSError:  # another worker stored the same content first
@@ -297,10 +289,9 @@ def _store_shared(store: str | Path, key: str, data: np.ndarray, attrs: dict) ->
             raise
 
 
-def _record_failure(pairs: zarr.Group, spec: PairSpec, error: str, input_hash: str | None) -> IngestOutcome:
-    pairs.create_group(spec.pair_id, overwrite=True, attributes={"status": "failed", "error": error,
-                                                                 "input_hash": input_hash,
-                                                                 "subject_id": spec.subject_id})
+def _record_failure(folder: Path, spec: PairSpec, error: str, input_hash: str | None) -> IngestOutcome:
+    """Replace the pair's group (``folder``) by one that records the failure."""
+    new_group(folder, {"status": "failed", "error": error, "input_hash": input_hash, "subject_id": spec.subject_id})
     return IngestOutcome(spec.pair_id, "failed", error, input_hash)
 
 

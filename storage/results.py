@@ -14,9 +14,10 @@ Coordinates (:func:`open_pair`, :func:`open_cohort_results`): ``x``, ``y``, ``z`
 of the voxel centres along each axis, from the target affine (the group's ``attrs["affine"]``, the full 4x4;
 exact for axis-aligned grids, for oblique grids the positions along the diagonal); ``component`` (``xx yy zz
 xy xz yz``) and ``axis`` (``i j k``) label the leading dimensions (kept in the arrays' attributes). They are
-derived when a pair is opened, not stored as arrays: every Zarr array costs about 6 ms of CPU to create, and
-five coordinate arrays per pair were a third of a pair's cost outside the model at cohort scale. Each array
-carries CF-style ``units`` (UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel indices) and a ``long_name``.
+derived when a pair is opened, not stored as arrays: every Zarr array costs milliseconds of CPU to create
+(:mod:`equiqc.storage.arrays`), and five coordinate arrays per pair were a third of a pair's cost outside the
+model at cohort scale. Each array carries CF-style ``units`` (UDUNITS: ``mm``, ``mm2``, ``1`` for counts and voxel
+indices) and a ``long_name``.
 
 No consolidated metadata is written: at cohort scale it cost the client about 5 ms per pair at the end of every
 run (10 s for 2,000 pairs) and made the root ``zarr.json`` grow with every pair (kilobytes each), which every
@@ -38,6 +39,7 @@ import zarr
 
 from equiqc.errors import UserError
 from equiqc.pipeline.estimator import UncertaintyResult
+from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
 MARKER = "equiqc_complete"
@@ -101,10 +103,15 @@ def _open(root: str | Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(root), mode=mode, use_consolidated=False)
 
 
-def _pair(root: str | Path, pair_id: str, mode: str = "r") -> zarr.Group:
-    """A pair's group, opened by its path (not through the root: one metadata read instead of two)."""
+def _check_pair_id(pair_id: str) -> None:
+    """A pair id names one folder of the store: not empty, no ``/``, not hidden (raises KeyError)."""
     if not pair_id or "/" in pair_id or pair_id.startswith("."):
         raise KeyError(pair_id)
+
+
+def _pair(root: str | Path, pair_id: str, mode: str = "r") -> zarr.Group:
+    """A pair's group, opened by its path (not through the root: one metadata read instead of two)."""
+    _check_pair_id(pair_id)
     return zarr.open_group(str(Path(root) / pair_id), mode=mode, zarr_format=3, use_consolidated=False)
 
 
@@ -181,19 +188,21 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
     Refuses (``ResultConfigMismatch``) to replace a complete result of another configuration unless
     ``overwrite``. Any previous marker is removed first, so a crash mid-write leaves an incomplete pair.
     """
-    root_group = open_results(root)
+    if not (Path(root) / "zarr.json").exists():
+        open_results(root)
     state = status(root, pair_id, config, input_hash)
     if state == "mismatch" and not overwrite:
         old = read_marker(root, pair_id)["config"]
         raise ResultConfigMismatch(
             f"{root}/{pair_id} holds results of another configuration ({_diff(old, config)}); "
             "use a new output folder or ask for overwriting (--overwrite)")
+    _check_pair_id(pair_id)
     # drops old arrays and marker; the grid's attributes with the group, the marker alone after the arrays
-    group = root_group.create_group(pair_id, overwrite=True, attributes={
-        "affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
+    folder = Path(root) / pair_id
+    group = new_group(folder, {"affine": np.asarray(target_affine).tolist(), "pair_id": pair_id})
     spatial = result.std_mm.shape
-    # One zarr call per array, data and attributes included: each costs about 6 ms of CPU in zarr itself, so the
-    # coordinates are not stored as arrays but derived from the affine when the pair is opened (open_pair).
+    # One zarr call per array, data and attributes included, by path (storage/arrays.py): the coordinates are not
+    # stored as arrays but derived from the affine when the pair is opened (open_pair).
     labels = {"component": [COMPONENT_NAMES[c] for c in result.components], "axis": list(MAP_AXES[: len(spatial)])}
     for name in STORE_LEVELS[level]:
         lead, units, long_name = ARRAYS[name]
@@ -201,13 +210,10 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
         if data is None:
             continue
         dims = ([lead] if lead else []) + list(AXES[: len(spatial)])
-        chunks = tuple(min(64, n) for n in data.shape[-len(spatial):])
-        if lead:
-            chunks = (data.shape[0], *chunks)
         attrs = {"units": units, "long_name": long_name, **({lead: labels[lead]} if lead else {})}
-        group.create_array(name, data=data, chunks=chunks, dimension_names=dims,
-                           fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR,
-                           attributes=attrs)
+        # results are rarely equal to the fill value chunk-wide: every chunk written, no comparison
+        write_array(folder / name, data, attrs, skip_empty_chunks=False, dimension_names=dims,
+                    fill_value=np.nan if data.dtype.kind == "f" else 0, compressors=COMPRESSOR)
     # one attribute write (``attrs.update`` writes the group's metadata once per key: 1.2 ms each)
     group.update_attributes({MARKER: {"config": config, "input_hash": input_hash, "store": level, **(extra or {})}})
 

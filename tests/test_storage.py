@@ -20,6 +20,7 @@ import zarr
 from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.moments import components
 from equiqc.storage import results as R
+from equiqc.storage.arrays import chunks_for, write_array
 from equiqc.storage.cohort import ingest_and_keep, ingest_pair, open_cohort, pair_status, read_pair
 from equiqc.storage.export import export_array
 from equiqc.storage.manifest import ManifestError, derive_pair_id, read_manifest
@@ -395,6 +396,25 @@ def test_result_store_is_xarray_readable_with_mm_coordinates(tmp_path):
     assert ds["std_mm"].attrs["units"] == "mm"
     np.testing.assert_array_equal(ds["std_mm"].values, res.std_mm)
     assert "intrinsic_spread_mm2" in ds and "bias_jitter_mm2" in ds
+
+
+def test_arrays_are_chunked_by_64_voxels_and_empty_chunks_skipped_only_when_asked(tmp_path):
+    assert chunks_for((100, 64, 3)) == (64, 64, 3)
+    assert chunks_for((6, 130, 20, 70)) == (6, 64, 20, 64)  # a leading axis (components) whole
+    data = np.zeros((70, 8, 8), np.float32)
+    data[64:] = 1  # the first chunk holds only the fill value
+    kept = write_array(tmp_path / "kept", data, {"units": "mm"}, skip_empty_chunks=False, fill_value=0)
+    skipped = write_array(tmp_path / "skipped", data, {"units": "mm"}, fill_value=0)
+    assert kept.chunks == skipped.chunks == (64, 8, 8) and kept.attrs["units"] == "mm"
+    assert kept.nchunks_initialized == 2 and skipped.nchunks_initialized == 1
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "skipped", mode="r")[...], data)
+    with pytest.raises(zarr.errors.ContainsArrayError):  # never over an existing array
+        write_array(tmp_path / "kept", data, {})
+    res = fake_result((70, 9, 66))
+    R.write_result(tmp_path / "r.zarr", "p", res, np.eye(4), {"k": 1}, level="full")
+    group = zarr.open_group(tmp_path / "r.zarr" / "p", mode="r")
+    assert group["std_mm"].chunks == (64, 9, 64) and group["mean_map"].chunks == (3, 64, 9, 64)
+    np.testing.assert_array_equal(group["mean_map"][...], res.mean_map)
 
 
 def test_half_written_and_mismatched_results_are_detected(tmp_path):
