@@ -19,7 +19,7 @@ from PIL import Image
 from equiqc.workflows.cluster import ClusterHandle
 from equiqc.workflows.config import RunConfig
 from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort
-from equiqc.workflows.html_report import FIGURE_WIDTH, _lut
+from equiqc.workflows.pair_figures import FIGURE_WIDTH, _lut
 from equiqc.workflows.run import run_cohort
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

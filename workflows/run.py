@@ -213,7 +213,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
 def cluster_drawing(handle: ClusterHandle):
     """A ``draw`` for :func:`~equiqc.workflows.html_report.write_html_report`: one task per figure on the cluster's
     workers (no GPU resource asked: figures need only the CPU and the stores)."""
-    from equiqc.workflows.html_report import draw_pair_figure
+    from equiqc.workflows.pair_figures import draw_pair_figure
 
     def draw(out_dir: Path, pair_ids: list[str]) -> dict[str, str | None]:
         if not pair_ids:
