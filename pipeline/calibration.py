@@ -34,7 +34,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 FEATURE = "uncertainty_mean_mm"
 TARGET = "true_error_mean_mm"
@@ -89,6 +88,8 @@ def minimum_pairs(coverage: float) -> int:
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least-squares ``(a, b)`` of ``y = a + b x`` with ``b >= 0``."""
+    from scipy import stats  # here, not at import: a run applies calibrations and never fits one (0.9 s of import)
+
     if len(x) >= 2 and np.ptp(x) > 0:
         fit = stats.linregress(x, y)
         if fit.slope >= 0:
@@ -121,6 +122,8 @@ def fit_calibration(spread_mm, error_mm, coverage: float = 0.9, floor_mm: float 
 
 def coverage_interval(covered: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact (Clopper-Pearson) confidence interval of a coverage measured as ``covered`` of ``n`` pairs."""
+    from scipy import stats
+
     ci = stats.binomtest(covered, n).proportion_ci(confidence_level=confidence, method="exact")
     return float(ci.low), float(ci.high)
 
