@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from equiqc.pipeline import transforms as T
-from equiqc.pipeline.decision import REASONS, RISK_BOUND, DecisionRules, decide
+from equiqc.pipeline.decision import REASONS, RISK_BOUND, DecisionRules, average_ranks, decide
 from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.pipeline.scores import SUMMARY_KEYS, auroc, pair_summary, spearman
 from equiqc.storage.decisions import RatingsError, read_ratings, session_of
@@ -279,3 +279,10 @@ def test_closed_form_jacobian_determinant_equals_numpys(shape):
     grads = [np.gradient(phi[i]) for i in range(len(shape))]
     expected = np.linalg.det(np.stack([np.stack(g, -1) for g in grads], -2))
     np.testing.assert_allclose(T.jacobian_determinant(torch.as_tensor(phi)[None])[0].numpy(), expected, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-5, 5) | st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=60))
+def test_average_ranks_are_scipys(values):
+    values = np.asarray(values, dtype=np.float64)  # small integers: many ties
+    np.testing.assert_array_equal(average_ranks(values), stats.rankdata(values, method="average"))
