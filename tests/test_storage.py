@@ -415,6 +415,8 @@ def test_arrays_are_chunked_by_64_voxels_and_empty_chunks_skipped_only_when_aske
     group = zarr.open_group(tmp_path / "r.zarr" / "p", mode="r")
     assert group["std_mm"].chunks == (64, 9, 64) and group["mean_map"].chunks == (3, 64, 9, 64)
     np.testing.assert_array_equal(group["mean_map"][...], res.mean_map)
+    R.write_result(tmp_path / "r.zarr", "p", res, np.eye(4), {"k": 1}, level="minimal")  # rewritten: old arrays go
+    assert sorted(zarr.open_group(tmp_path / "r.zarr" / "p", mode="r").array_keys()) == ["n_valid", "std_mm"]
 
 
 def test_half_written_and_mismatched_results_are_detected(tmp_path):
