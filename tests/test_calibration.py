@@ -31,7 +31,7 @@ from equiqc.storage.calibration import (
 from equiqc.storage.nifti import save_volume
 from equiqc.workflows.calibrate import choose_calibration
 from equiqc.workflows.cli import main
-from equiqc.workflows.config import ConfigError, RunConfig
+from equiqc.workflows.config import ConfigError, RunConfig, make_config
 from equiqc.workflows.provenance import probe_model
 
 
@@ -125,6 +125,9 @@ def test_a_run_uses_the_shipped_calibration_only_for_its_setting(tmp_path):
     other_k = choose_calibration(_probed(samples=8))
     assert other_k.calibration is None and "differs in: samples" in other_k.summary
     assert choose_calibration(_probed(calibration="none")).calibration is None
+    third_party = make_config(model="multipropreg")  # its defaults (diffeomorphic, K = 16), as `equiqc run` gets them
+    mpr = choose_calibration(dataclasses.replace(third_party, weights_sha256=probe_model(third_party).weights_sha256))
+    assert mpr.calibration is not None and mpr.source == "shipped:multipropreg"
     unknown = choose_calibration(_probed(model="affine-opt"))
     assert unknown.calibration is None and "no calibration ships for model 'affine-opt'" in unknown.summary
     record = read_calibration(shipped_calibration_path("default"))
