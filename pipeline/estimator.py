@@ -10,7 +10,10 @@ For K random perturbations ``tau_k`` of the source grid:
 
 For affine families, steps 1-3 are one backend call (:func:`~equiqc.pipeline.backends.base.register_perturbed`):
 an adapter with that hook samples the source once, straight onto its network grid, and folds ``tau_k`` into
-its own map back; the target is prepared once per pair (:func:`~equiqc.pipeline.backends.base.prepare`).
+its own map back. For the diffeomorphic family, steps 1-2 are one call
+(:func:`~equiqc.pipeline.backends.base.register_warped`: the source sampled once at ``tau_k`` of the network
+grid) and step 3 evaluates ``tau_k``'s coarse displacement at ``phi'_k``. The target is prepared once per pair
+(:func:`~equiqc.pipeline.backends.base.prepare`).
 
 With a stochastic backend, ``draws`` predictions per perturbation split the covariance into the
 intrinsic spread (within-perturbation) and the bias jitter (between-perturbation means).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -120,8 +124,8 @@ class UncertaintyResult:
     intrinsic_spread_mm2, bias_jitter_mm2: the split of ``covariance_mm2`` (same layout) when the backend
         is stochastic and ``draws > 1``; they add up to ``covariance_mm2``.
     timings_s: wall time per stage, seconds: prepare (the backend's per-pair work), perturb (dense
-        perturbations: build and warp), forward (the backend's calls; for affine families this includes
-        sampling the perturbed source and mapping back), compose (composing back, validity), statistics, total.
+        perturbations: integrating the coarse field), forward (the backend's calls, including sampling the
+        perturbed source and mapping back), compose (composing back, validity), statistics, total.
     batch_size: the forwards per model call the estimate ran with (after any out-of-memory halving).
     """
 
@@ -327,12 +331,12 @@ def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Ti
         valid = T.inside_grid(psi, src_shape)
         first = psi[0]
     else:
-        tau = pert.maps(index, pair.source.device)
-        moved = T.warp(pair.source, tau)
+        coarse = pert.field(index, pair.source.device)  # tau's displacement on its coarse integration grid
         t0 = timer.lap("perturb", t0)
-        phi_p = B.check_prediction(B.register_prepared(backend, pair, moved), len(index), tgt_shape)
+        phi_p = B.check_prediction(B.register_warped(backend, pair, partial(pert.apply, coarse)), len(index),
+                                   tgt_shape)
         t0 = timer.lap("forward", t0)
-        psi = pert.compose_back(index, phi_p, tau)
+        psi = pert.compose_back(index, phi_p, coarse)
         valid = T.inside_grid(psi, src_shape) & T.inside_grid(phi_p, src_shape)
         first = phi_p[0]
     timer.lap("compose", t0)

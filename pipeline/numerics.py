@@ -14,6 +14,10 @@ normalised after resampling onto the network grid (as in training), maps brought
 displacement, float32 sums in voxel units; the diffeomorphic family integrated on a coarse grid; std reported
 only where a quarter of the samples (at least 3) are valid; a stochastic model's prediction is its dropout-off
 forward. The batch size left the result key (it changes only float rounding).
+4 = the diffeomorphic family sampled once too (the source read at ``tau`` of the network grid by adapters with
+a ``register_warped`` hook, instead of warped on its own grid and resampled) and composed back from ``tau``'s
+coarse displacement (mean std_mm in the brain +0.3 % to +1.4 % on 4 MNI pairs at K = 8; affine families
+unchanged).
 """
 
-NUMERICS_VERSION = 3
+NUMERICS_VERSION = 4

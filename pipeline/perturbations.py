@@ -13,8 +13,8 @@ Families (``PerturbationConfig.kind``):
 * ``diffeomorphic``: ``exp(v)`` of a smooth stationary velocity field, drawn as Gaussian noise on a coarse
   control grid (``control_spacing_mm``), smoothed, scaled so the per-component standard deviation is
   ``velocity_std_mm``, upsampled linearly to an integration grid (:func:`integration_grid`, 4 intervals per
-  control interval), integrated there by scaling and squaring, and the displacement upsampled linearly to the
-  source grid.
+  control interval), integrated there by scaling and squaring; the displacement is evaluated wherever it is
+  needed by linear interpolation of that grid (never built on the full source grid).
 
 Defaults are small enough that a registration model sees inputs close to its training distribution
 (a few mm, a few degrees), which is what the equivariance argument needs: the spread should reflect the
@@ -74,25 +74,41 @@ class Perturbations:
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.affine_map(self.matrices[index].to(device), self.shape, dtype)
+        return self.apply(self.field(index, device, dtype), T.identity_grid(self.shape, dtype, device))
+
+    def field(self, index: Tensor | Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+        """Diffeomorphic family: the displacements of ``tau`` ``(b, D, *integration_grid)`` in *source* voxel
+        units, on the coarse grid of :func:`integration_grid` covering the source grid's extent. Evaluate it
+        anywhere with :meth:`apply`; it is never upsampled to the source grid."""
+        if self.velocity is None:
+            raise ValueError(f"the {self.kind} family is affine: use its matrices")
+        index = torch.as_tensor(index, dtype=torch.long)
         v = self.velocity[index].to(device=device, dtype=dtype)  # control grid, source voxel units
         grid = integration_grid(self.shape, v.shape[2:])
         v = F.interpolate(v, size=grid, mode="bilinear" if len(grid) == 2 else "trilinear", align_corners=True)
-        to_grid = [(m - 1) / max(n - 1, 1) for m, n in zip(grid, self.shape, strict=True)]  # source -> grid voxels
-        v = v * torch.tensor(to_grid, dtype=dtype, device=v.device).view(1, -1, *([1] * len(grid)))
-        return T.displacement_to_map(T.resize_displacement(T.scaling_and_squaring(v), self.shape))
+        to_grid = torch.tensor([(m - 1) / max(n - 1, 1) for m, n in zip(grid, self.shape, strict=True)],
+                               dtype=dtype, device=v.device).view(1, -1, *([1] * len(grid)))  # source -> grid voxels
+        return T.scaling_and_squaring(v * to_grid) / to_grid
 
-    def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, tau: Tensor | None = None) -> Tensor:
+    def apply(self, field: Tensor, points: Tensor) -> Tensor:
+        """``tau(points)``: positions ``(b, D, *out)`` in source voxels moved by the diffeomorphic perturbations
+        whose :meth:`field` is ``field`` (linear interpolation of the displacement; ``points`` may have batch 1)."""
+        if points.shape[0] == 1 and field.shape[0] > 1:
+            points = points.expand(field.shape[0], *points.shape[1:])
+        return points + T.sample_displacement(field, points, self.shape)
+
+    def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, field: Tensor | None = None) -> Tensor:
         """``psi = tau o phi'`` for the selected perturbations; exact for affine families.
 
         ``phi_prime``: ``(b, D, *target)`` predictions on the perturbed source (voxel units of the source
-        grid). ``tau``: the dense maps from :meth:`maps` (needed for the diffeomorphic family only).
+        grid). ``field``: the diffeomorphic family's :meth:`field` of these perturbations, if already built.
         """
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.apply_affine(self.matrices[index].to(phi_prime.device), phi_prime)
-        if tau is None:
-            tau = self.maps(index, phi_prime.device, phi_prime.dtype)
-        return T.compose(tau, phi_prime)
+        if field is None:
+            field = self.field(index, phi_prime.device, phi_prime.dtype)
+        return self.apply(field, phi_prime)
 
 
 # The diffeomorphic family's velocity is linear between control points, so it is integrated on a grid with

@@ -92,6 +92,20 @@ def sample_map(phi: Tensor, coords: Tensor) -> Tensor:
     return coords + warp(u, coords, mode="linear", padding="border")
 
 
+def sample_displacement(u: Tensor, coords: Tensor, shape: Sequence[int]) -> Tensor:
+    """Evaluate a displacement ``u`` (B or 1, D, *grid) at voxel coordinates ``coords`` (B, D, *out) of a grid of
+    ``shape`` covering the same extent (first and last voxel centres aligned; ``grid`` may be coarser).
+
+    Linear interpolation, constant beyond the grid; the values keep ``u``'s units. On ``grid == shape`` this is
+    the displacement part of :func:`sample_map`; on a coarser grid it equals sampling ``u`` linearly upsampled
+    to ``shape`` wherever a voxel of ``shape`` lies inside one cell of ``grid``, without building it.
+    """
+    if u.shape[0] == 1 and coords.shape[0] > 1:
+        u = u.expand(coords.shape[0], *u.shape[1:])
+    grid = _to_grid_sample(coords.to(u.dtype), shape)
+    return F.grid_sample(u, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def compose(outer: Tensor, inner: Tensor) -> Tensor:
     """``outer o inner``: first ``inner`` (target grid -> grid of ``outer``), then ``outer``."""
     return sample_map(outer, inner)

@@ -99,6 +99,7 @@ class NetworkPair(PreparedPair):
     net_to_source: Tensor | None = None
     target_base: Tensor | None = None
     target_layout_shape: tuple[int, ...] = ()
+    net_positions: Tensor | None = None  # (1, D, *grid) float32 source voxel of every network voxel, on first use
 
 
 class ModuleBackend:
@@ -195,6 +196,15 @@ class ModuleBackend:
         outer = matrices.to(pair.net_to_source) @ pair.net_to_source  # network voxel -> perturbed source voxel
         x = T.warp_affine(pair.source[:, :1].float(), outer, pair.grid)
         return self._predict(pair, x, outer)
+
+    @torch.no_grad()
+    def register_warped(self, pair: NetworkPair, tau: Callable[[Tensor], Tensor]) -> Tensor:
+        """``R(A o tau_b, B)`` for dense perturbations: the source sampled once at ``tau`` of the network grid's
+        source positions (cached on the pair), mapped back as :meth:`register_prepared` does."""
+        if pair.net_positions is None:
+            pair.net_positions = T.affine_map(pair.net_to_source, pair.grid)
+        x = T.warp(pair.source[:, :1].float(), tau(pair.net_positions))
+        return self._predict(pair, x, pair.net_to_source)
 
     def _predict(self, pair: NetworkPair, x: Tensor, outer: Tensor) -> Tensor:
         """Run the network on sources ``x`` on its grid (raw intensities) and return ``outer o phi_net o S_tgt``:
