@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -331,12 +330,11 @@ def _predict(backend, pair, pert: Perturbations, batch: list[_Group], timer: _Ti
         valid = T.inside_grid(psi, src_shape)
         first = psi[0]
     else:
-        coarse = pert.field(index, pair.source.device)  # tau's displacement on its coarse integration grid
+        tau = pert.dense(index, pair.source.device)  # integrated on its coarse grid
         t0 = timer.lap("perturb", t0)
-        phi_p = B.check_prediction(B.register_warped(backend, pair, partial(pert.apply, coarse)), len(index),
-                                   tgt_shape)
+        phi_p = B.check_prediction(B.register_warped(backend, pair, tau), len(index), tgt_shape)
         t0 = timer.lap("forward", t0)
-        psi = pert.compose_back(index, phi_p, coarse)
+        psi = pert.compose_back(index, phi_p, tau)
         valid = T.inside_grid(psi, src_shape) & T.inside_grid(phi_p, src_shape)
         first = phi_p[0]
     timer.lap("compose", t0)

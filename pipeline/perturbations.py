@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.perturbation_config import ALL_KINDS, KINDS, PerturbationConfig
 
-__all__ = ["ALL_KINDS", "KINDS", "PerturbationConfig", "Perturbations", "pair_seed", "sample_perturbations"]
+__all__ = ["ALL_KINDS", "DenseWarp", "KINDS", "PerturbationConfig", "Perturbations", "pair_seed",
+           "sample_perturbations"]
 
 Tensor = torch.Tensor
 
@@ -74,12 +75,12 @@ class Perturbations:
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.affine_map(self.matrices[index].to(device), self.shape, dtype)
-        return self.apply(self.field(index, device, dtype), T.identity_grid(self.shape, dtype, device))
+        eye = torch.eye(len(self.shape) + 1, dtype=torch.float64)
+        return self.dense(index, device, dtype).on_grid(eye, self.shape)
 
-    def field(self, index: Tensor | Sequence[int], device=None, dtype=torch.float32) -> Tensor:
-        """Diffeomorphic family: the displacements of ``tau`` ``(b, D, *integration_grid)`` in *source* voxel
-        units, on the coarse grid of :func:`integration_grid` covering the source grid's extent. Evaluate it
-        anywhere with :meth:`apply`; it is never upsampled to the source grid."""
+    def dense(self, index: Tensor | Sequence[int], device=None, dtype=torch.float32) -> DenseWarp:
+        """Diffeomorphic family: the selected ``tau`` as a :class:`DenseWarp`, integrated on the coarse grid of
+        :func:`integration_grid` and never built on the full source grid."""
         if self.velocity is None:
             raise ValueError(f"the {self.kind} family is affine: use its matrices")
         index = torch.as_tensor(index, dtype=torch.long)
@@ -88,27 +89,44 @@ class Perturbations:
         v = F.interpolate(v, size=grid, mode="bilinear" if len(grid) == 2 else "trilinear", align_corners=True)
         to_grid = torch.tensor([(m - 1) / max(n - 1, 1) for m, n in zip(grid, self.shape, strict=True)],
                                dtype=dtype, device=v.device).view(1, -1, *([1] * len(grid)))  # source -> grid voxels
-        return T.scaling_and_squaring(v * to_grid) / to_grid
+        return DenseWarp(T.scaling_and_squaring(v * to_grid) / to_grid, self.shape)
 
-    def apply(self, field: Tensor, points: Tensor) -> Tensor:
-        """``tau(points)``: positions ``(b, D, *out)`` in source voxels moved by the diffeomorphic perturbations
-        whose :meth:`field` is ``field`` (linear interpolation of the displacement; ``points`` may have batch 1)."""
-        if points.shape[0] == 1 and field.shape[0] > 1:
-            points = points.expand(field.shape[0], *points.shape[1:])
-        return points + T.sample_displacement(field, points, self.shape)
-
-    def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, field: Tensor | None = None) -> Tensor:
+    def compose_back(self, index: Tensor | Sequence[int], phi_prime: Tensor, tau: DenseWarp | None = None) -> Tensor:
         """``psi = tau o phi'`` for the selected perturbations; exact for affine families.
 
         ``phi_prime``: ``(b, D, *target)`` predictions on the perturbed source (voxel units of the source
-        grid). ``field``: the diffeomorphic family's :meth:`field` of these perturbations, if already built.
+        grid). ``tau``: the diffeomorphic family's :meth:`dense` of these perturbations, if already built.
         """
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.apply_affine(self.matrices[index].to(phi_prime.device), phi_prime)
-        if field is None:
-            field = self.field(index, phi_prime.device, phi_prime.dtype)
-        return self.apply(field, phi_prime)
+        return (tau or self.dense(index, phi_prime.device, phi_prime.dtype))(phi_prime)
+
+
+@dataclass(frozen=True)
+class DenseWarp:
+    """A batch of ``b`` dense perturbations ``tau_b`` of a source grid of ``shape``: source voxel positions ->
+    perturbed positions (source voxels), by linear interpolation of ``displacement`` ``(b, D, *coarse)``, given in
+    source voxel units on a coarse grid covering the source grid's extent (first and last voxels aligned)."""
+
+    displacement: Tensor
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return int(self.displacement.shape[0])
+
+    def __call__(self, points: Tensor) -> Tensor:
+        """``tau_b(points)`` for positions ``(b or 1, D, *out)`` in source voxels: ``(b, D, *out)``."""
+        if points.shape[0] == 1 and len(self) > 1:
+            points = points.expand(len(self), *points.shape[1:])
+        return points + T.sample_displacement(self.displacement, points, self.shape)
+
+    def on_grid(self, matrix: Tensor, shape: Sequence[int]) -> Tensor:
+        """``tau_b`` at the source positions ``matrix @ index`` of every voxel of a grid of ``shape`` (``matrix``:
+        that grid's voxel -> source voxel, e.g. a network grid's): ``(b, D, *shape)``; separable interpolation
+        when ``matrix`` is axis-aligned (:func:`~equiqc.pipeline.transforms.sample_displacement_on_grid`)."""
+        u = T.sample_displacement_on_grid(self.displacement, matrix, shape, self.shape)
+        return u + T.affine_map(matrix.to(u.device), shape, u.dtype)
 
 
 # The diffeomorphic family's velocity is linear between control points, so it is integrated on a grid with

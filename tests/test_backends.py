@@ -269,12 +269,12 @@ def test_fused_warped_path_equals_warp_then_register_for_dense_perturbations(lay
                             align_corners=align_corners, intensity="none", layout=layout)
     pert = sample_perturbations(PerturbationConfig("diffeomorphic", velocity_std_mm=2.0, control_spacing_mm=10.0),
                                 3, src.shape[2:], a_src, seed=4)
-    field = pert.field(range(3))
+    tau = pert.dense(range(3))
     pair = base.prepare(backend, src, tgt, a_src, a_tgt)
-    fused = base.register_warped(backend, pair, lambda points: pert.apply(field, points))
+    fused = base.register_warped(backend, pair, tau)
     two_step = backend.register(T.warp(src, pert.maps(range(3))), tgt.expand(3, -1, -1, -1, -1), a_src, a_tgt)
     plain = base.register_warped(_RegisterOnly(backend), base.PreparedPair(src, tgt, a_src, a_tgt),
-                                 lambda points: pert.apply(field, points))  # the fallback is the two-step path
+                                 tau)  # the fallback is the two-step path
     np.testing.assert_allclose(plain.numpy(), two_step.numpy(), atol=1e-5)
     unperturbed = backend.register(src, tgt, a_src, a_tgt)
     inside = T.inside_grid(two_step, src.shape[2:]) & T.inside_grid(fused, src.shape[2:])

@@ -93,17 +93,43 @@ def test_diffeomorphic_composition_from_the_coarse_field_matches_the_upsampled_m
     # up to the difference between one and two linear interpolations (2 mm MNI-sized grid, mm).
     shape, affine = (99, 117, 95), torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
     pert = sample_perturbations(PerturbationConfig("diffeomorphic"), 2, shape, affine, seed=3)
-    field = pert.field([0, 1])
-    assert all(g < n for g, n in zip(field.shape[2:], shape, strict=True))  # never on the full grid
+    tau = pert.dense([0, 1])
+    assert all(g < n for g, n in zip(tau.displacement.shape[2:], shape, strict=True))  # never on the full grid
     gen = torch.Generator().manual_seed(0)
     phi_prime = T.identity_grid((40, 50, 45)) * 2.2 + torch.randn(2, 3, 40, 50, 45, generator=gen) * 3
-    coarse = pert.compose_back([0, 1], phi_prime, field)
+    coarse = pert.compose_back([0, 1], phi_prime, tau)
     dense = T.compose(pert.maps([0, 1]), phi_prime)
     inside = T.inside_grid(phi_prime, shape)
     error_mm = ((coarse - dense).norm(dim=1) * 2)[inside]
     moved_mm = ((coarse - phi_prime).norm(dim=1) * 2)[inside]
     assert moved_mm.mean() > 1.0
     assert error_mm.mean() < 0.01 and error_mm.max() < 0.2, (error_mm.mean(), error_mm.max())  # 0.0035, 0.12 mm
-    # on the source grid itself the coarse evaluation is the upsampled map (identical interpolation)
-    np.testing.assert_allclose(pert.apply(field, T.identity_grid(shape)).numpy(), pert.maps([0, 1]).numpy(),
-                               atol=1e-4)
+    # on the source grid itself, evaluating tau at every voxel is linearly upsampling its coarse displacement
+    upsampled = T.displacement_to_map(T.resize_displacement(
+        tau.displacement * torch.tensor([(g - 1) / (n - 1) for g, n in zip(tau.displacement.shape[2:], shape,
+                                                                          strict=True)]).view(1, 3, 1, 1, 1), shape))
+    np.testing.assert_allclose(tau(T.identity_grid(shape)).numpy(), upsampled.numpy(), atol=1e-4)
+    np.testing.assert_allclose(pert.maps([0, 1]).numpy(), upsampled.numpy(), atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(perm=st.permutations([0, 1, 2]), signs=st.lists(st.sampled_from([-1.0, 1.0]), min_size=3, max_size=3),
+       scales=st.lists(st.floats(0.3, 2.5), min_size=3, max_size=3),
+       offsets=st.lists(st.floats(-4.0, 4.0), min_size=3, max_size=3), rotate=st.booleans())
+def test_a_dense_warp_on_a_grid_equals_evaluating_it_at_the_grid_positions(perm, signs, scales, offsets, rotate):
+    # on_grid uses separable interpolation for axis-aligned matrices (signed permutations with scales, as network
+    # grids are) and grid_sample otherwise; both give tau at the grid's positions, border padding included
+    shape, out = (13, 11, 9), (7, 10, 8)
+    tau = sample_perturbations(PerturbationConfig("diffeomorphic", velocity_std_mm=3.0, control_spacing_mm=6.0), 2,
+                               shape, torch.eye(4, dtype=torch.float64), seed=5).dense([0, 1], dtype=torch.float64)
+    m = torch.eye(4, dtype=torch.float64)
+    for row, col in enumerate(perm):
+        m[row] = 0
+        m[row, col] = signs[row] * scales[row]
+        m[row, 3] = offsets[row] + (shape[row] - 1) * (signs[row] < 0)
+    m[3, 3] = 1
+    if rotate:  # not axis-aligned: the grid_sample path
+        m = m @ T.matrix_from_parts(sample_perturbations(PerturbationConfig("rigid", max_rotation_deg=20.0), 1,
+                                                         out, None, seed=2).matrices[0, :3, :3], torch.zeros(3))
+    np.testing.assert_allclose(tau.on_grid(m, out).numpy(), tau(T.affine_map(m, out, torch.float64)).numpy(),
+                               atol=1e-9)

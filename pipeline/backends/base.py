@@ -20,9 +20,9 @@ functions below fall back to ``register`` for an adapter without them:
 * ``register_perturbed(pair, matrices)``: for affine perturbations ``T_b``, the composed-back maps
   ``T_b o R(A o T_b, B)`` in one go, so the source is interpolated once, straight onto the network grid, and
   ``T_b`` is folded into the adapter's own map back;
-* ``register_warped(pair, tau)``: the same for a dense perturbation given as a function ``tau`` from source
-  voxel positions to perturbed positions: the predictions ``R(A o tau_b, B)`` (not composed back), the source
-  sampled once at ``tau`` of the network grid's positions;
+* ``register_warped(pair, tau)``: the same for dense perturbations ``tau`` (a
+  :class:`~equiqc.pipeline.perturbations.DenseWarp`): the predictions ``R(A o tau_b, B)`` (not composed back),
+  the source sampled once at ``tau`` of the network grid's positions;
 * ``deterministic()``: a context manager in which a stochastic adapter predicts without its randomness
   (dropout off), for the prediction a user would apply. Without it that prediction is one random draw.
 """
@@ -30,13 +30,16 @@ functions below fall back to ``register`` for an adapter without them:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from equiqc.pipeline import transforms as T
+
+if TYPE_CHECKING:
+    from equiqc.pipeline.perturbations import DenseWarp
 
 Tensor = torch.Tensor
 
@@ -117,10 +120,11 @@ def register_perturbed(backend: RegistrationBackend, pair: PreparedPair, matrice
     return T.apply_affine(matrices, register_prepared(backend, pair, moved))
 
 
-def register_warped(backend: RegistrationBackend, pair: PreparedPair, tau: Callable[[Tensor], Tensor]) -> Tensor:
+def register_warped(backend: RegistrationBackend, pair: PreparedPair, tau: DenseWarp) -> Tensor:
     """``phi'_b = R(A o tau_b, B)``: the predictions ``(B, D, *target_shape)`` (source voxel units) for the source
-    warped by dense perturbations ``tau``, a function taking source voxel positions ``(1, D, *s)`` to the
-    ``B`` perturbed positions ``(B, D, *s)``. Not composed back (that needs ``tau`` at the predictions).
+    warped by the dense perturbations ``tau`` (:class:`~equiqc.pipeline.perturbations.DenseWarp`: call it on
+    source voxel positions, or ``tau.on_grid(matrix, shape)`` for the positions of a grid). Not composed back
+    (that needs ``tau`` at the predictions).
 
     The backend's ``register_warped`` hook (the source sampled once, at ``tau`` of the network grid), else:
     the source warped on its own grid, then :func:`register_prepared`.
@@ -128,8 +132,8 @@ def register_warped(backend: RegistrationBackend, pair: PreparedPair, tau: Calla
     hook = getattr(backend, "register_warped", None)
     if hook is not None:
         return hook(pair, tau)
-    positions = T.identity_grid(pair.source.shape[2:], torch.float32, pair.source.device)
-    return register_prepared(backend, pair, T.warp(pair.source, tau(positions)))
+    eye = torch.eye(pair.source.dim() - 1, dtype=torch.float64)
+    return register_prepared(backend, pair, T.warp(pair.source, tau.on_grid(eye, pair.source.shape[2:])))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,9 @@ from equiqc.pipeline.backends.base import PreparedPair
 from equiqc.pipeline.backends.conventions import OutputConvention
 from equiqc.pipeline.backends.grids import index_matrix, resample_to
 from equiqc.pipeline.backends.layout import InputLayout
+
+if TYPE_CHECKING:
+    from equiqc.pipeline.perturbations import DenseWarp
 
 Tensor = torch.Tensor
 DROPOUT_NAMES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
@@ -99,7 +103,6 @@ class NetworkPair(PreparedPair):
     net_to_source: Tensor | None = None
     target_base: Tensor | None = None
     target_layout_shape: tuple[int, ...] = ()
-    net_positions: Tensor | None = None  # (1, D, *grid) float32 source voxel of every network voxel, on first use
 
 
 class ModuleBackend:
@@ -198,12 +201,10 @@ class ModuleBackend:
         return self._predict(pair, x, outer)
 
     @torch.no_grad()
-    def register_warped(self, pair: NetworkPair, tau: Callable[[Tensor], Tensor]) -> Tensor:
+    def register_warped(self, pair: NetworkPair, tau: DenseWarp) -> Tensor:
         """``R(A o tau_b, B)`` for dense perturbations: the source sampled once at ``tau`` of the network grid's
-        source positions (cached on the pair), mapped back as :meth:`register_prepared` does."""
-        if pair.net_positions is None:
-            pair.net_positions = T.affine_map(pair.net_to_source, pair.grid)
-        x = T.warp(pair.source[:, :1].float(), tau(pair.net_positions))
+        source positions, mapped back as :meth:`register_prepared` does."""
+        x = T.warp(pair.source[:, :1].float(), tau.on_grid(pair.net_to_source, pair.grid))
         return self._predict(pair, x, pair.net_to_source)
 
     def _predict(self, pair: NetworkPair, x: Tensor, outer: Tensor) -> Tensor:
