@@ -124,9 +124,8 @@ class DenseWarp:
     def on_grid(self, matrix: Tensor, shape: Sequence[int]) -> Tensor:
         """``tau_b`` at the source positions ``matrix @ index`` of every voxel of a grid of ``shape`` (``matrix``:
         that grid's voxel -> source voxel, e.g. a network grid's): ``(b, D, *shape)``; separable interpolation
-        when ``matrix`` is axis-aligned (:func:`~equiqc.pipeline.transforms.sample_displacement_on_grid`)."""
-        u = T.sample_displacement_on_grid(self.displacement, matrix, shape, self.shape)
-        return u + T.affine_map(matrix.to(u.device), shape, u.dtype)
+        when ``matrix`` is axis-aligned (:func:`~equiqc.pipeline.transforms.sample_map_on_grid`)."""
+        return T.sample_map_on_grid(self.displacement, matrix, shape, self.shape)
 
 
 # The diffeomorphic family's velocity is linear between control points, so it is integrated on a grid with
