@@ -14,9 +14,8 @@ Parts (``--parts``, comma-separated):
 * ``naive``: a researcher's script with equal outputs (std, valid count and the prediction, as NIfTI, per
   pair): sequential, model loaded per pair, one perturbation per forward, all samples kept, ``np.var``;
   against ``equiqc run`` (both cores) on the same pairs.
-* ``diffeomorphic``: that family's cost per sample over the network's forward, one thread: the estimator's
-  time per sample with diffeomorphic perturbations minus with rigid ones (same pair, K and batch), i.e. what a
-  dense perturbation adds to the sampling and mapping back every family pays.
+* ``diffeomorphic``: that family's cost per sample over the network's forward, one thread: the operations a
+  dense perturbation adds over an affine one, timed interleaved with the forward (:func:`diffeomorphic_cost`).
 * ``memory``, ``mc``: worker peak RSS at K = 8 and 32; equivariance vs MC-dropout at equal K.
 
 Prints JSON lines; writes ``results.json`` (with the hardware it ran on) into ``--out``.
@@ -77,6 +76,60 @@ def network_alone(model, sizes: list[int]) -> float:
         for b in sizes:
             model.net(x[:b], x[:b])
     return time.perf_counter() - start
+
+
+def diffeomorphic_cost(model, v, samples: int, repeats: int) -> dict:
+    """What a dense perturbation adds per sample over an affine one, against the network's forward (one thread).
+
+    Timed operation by operation, interleaved with the forward so this VM's drift hits all alike (the difference
+    of two whole estimates was dominated by it: 0.07-0.47 s per sample in three repeats): the dense path
+    integrates ``tau`` on its coarse grid, samples the source at ``tau`` of the network grid, composes back by
+    interpolating ``tau`` at the prediction and checks two fields of view; the affine path samples the source at
+    ``T`` of the network grid and checks one (its compose is a matrix product folded into the adapter's own).
+    Medians over ``repeats * samples`` samples; the estimates' own stage times are reported beside them.
+    """
+    from equiqc.pipeline.backends import base as B
+
+    src = torch.as_tensor(v["source"].data, dtype=torch.float32)[None, None]
+    tgt = torch.as_tensor(v["target"].data, dtype=torch.float32)[None, None]
+    a_s, a_t = torch.as_tensor(v["source"].affine), torch.as_tensor(v["target"].affine)
+    shape = tuple(src.shape[2:])
+    dense = sample_perturbations(PerturbationConfig("diffeomorphic"), samples, shape, a_s, seed=1)
+    rigid = sample_perturbations(PerturbationConfig("rigid"), samples, shape, a_s, seed=1)
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    with torch.inference_mode():
+        pair = B.prepare(model, src, tgt, a_s, a_t)
+        phi = model.register(src, tgt, a_s, a_t)  # a real prediction to compose with
+        x = model.intensity(T.warp_affine(src, pair.net_to_source, pair.grid))
+        for _ in range(repeats):
+            for k in range(samples):
+                timed("forward", lambda: model.net(x, pair.target_net))
+                tau = timed("dense: integrate tau", lambda k=k: dense.dense([k]))
+                timed("dense: sample the source at tau",
+                      lambda tau=tau: T.warp(src, tau.on_grid(pair.net_to_source, pair.grid)))
+                timed("dense: compose back", lambda k=k, tau=tau: dense.compose_back([k], phi, tau))
+                timed("dense: fields of view", lambda: (T.inside_grid(phi, shape), T.inside_grid(phi, shape)))
+                timed("affine: sample the source at T", lambda k=k: T.warp_affine(
+                    src, rigid.matrices[k:k + 1] @ pair.net_to_source, pair.grid))
+                timed("affine: field of view", lambda: T.inside_grid(phi, shape))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    extra = sum(t for n, t in med.items() if n.startswith("dense")) - sum(
+        t for n, t in med.items() if n.startswith("affine"))
+    out = {"median_s": {n: round(t, 4) for n, t in med.items()}, "extra_s_per_sample": round(extra, 4),
+           "ratio": round(extra / med["forward"], 3), "samples_timed": len(times["forward"])}
+    for kind in ("diffeomorphic", "rigid"):  # the whole estimate, for reference (drift included)
+        r = estimate_uncertainty(model, v["source"].data, v["target"].data, v["source"].affine, v["target"].affine,
+                                 EstimatorConfig(samples=samples, batch_size=1, perturbation=PerturbationConfig(kind),
+                                                 covariance=False), seed=1)
+        out[f"estimate_{kind}_s_per_sample"] = {n: round(t / (samples + 1), 4) for n, t in r.timings_s.items()}
+    return out
 
 
 def best_batch(model) -> tuple[int, dict]:
@@ -281,27 +334,10 @@ def main() -> None:
             mem[k] = json.loads(o.stdout.strip().splitlines()[-1])
         res["memory"] = {f"K{k}": {"peak_rss_MB": round(peak / 1e6, 1)} for k, (_, peak) in mem.items()}
         print(json.dumps({"memory": res["memory"]}), flush=True)
-    if "diffeomorphic" in parts:  # the dense family's cost per sample over an affine one, against the forward
+    if "diffeomorphic" in parts:
         torch.set_num_threads(1)
         v = read_pair(store, specs[0].pair_id)
-        rows = []
-        for _ in range(args.repeats):  # interleaved, so the machine's drift hits all three alike
-            net = network_alone(model, [1] * (args.samples + 1)) / (args.samples + 1)
-            totals = {}
-            for kind in ("diffeomorphic", "rigid"):
-                kcfg = EstimatorConfig(samples=args.samples, batch_size=1, perturbation=PerturbationConfig(kind),
-                                       covariance=False)
-                r = estimate_uncertainty(model, v["source"].data, v["target"].data, v["source"].affine,
-                                         v["target"].affine, kcfg, seed=1)
-                totals[kind] = r.timings_s["total"] / (args.samples + 1)
-                if kind == "diffeomorphic":
-                    stages = (r.timings_s.get("perturb", 0.0) + r.timings_s.get("compose", 0.0)) / (args.samples + 1)
-            extra = totals["diffeomorphic"] - totals["rigid"]
-            rows.append({"network_s_per_sample": round(net, 3), "diffeomorphic_s_per_sample":
-                         round(totals["diffeomorphic"], 3), "rigid_s_per_sample": round(totals["rigid"], 3),
-                         "extra_s_per_sample": round(extra, 3), "ratio": round(extra / net, 3),
-                         "perturb_and_compose_s_per_sample": round(stages, 3)})
-        res["diffeomorphic"] = {"runs": rows, "ratio_median": statistics.median(r["ratio"] for r in rows)}
+        res["diffeomorphic"] = diffeomorphic_cost(model, v, args.samples, args.repeats)
         print(json.dumps({"diffeomorphic": res["diffeomorphic"]}), flush=True)
     if "mc" in parts:
         torch.set_num_threads(1)
