@@ -6,7 +6,11 @@ For each model (``--models``: the shipped ``default`` on nilearn's MNI152 2009 t
 diffeomorphic), on N subject->atlas pairs with a known map:
 
 * voxel level, per pair: Pearson and Spearman correlation between ``std_mm`` and the true error magnitude
-  (mm) of the unperturbed prediction, inside the brain mask -> median and IQR over pairs;
+  (mm) of the unperturbed prediction, and the sparsification nAURC
+  (:func:`~equiqc.pipeline.scores.sparsification_naurc`: 0 = the error's own order, 1 = chance), inside the brain
+  mask and over the whole field of view, for ``std_mm`` and for three baselines that need no perturbation
+  (distance from the image centre, the prediction's displacement magnitude, the target's gradient magnitude)
+  -> median and IQR over pairs (``voxel`` in each line: ``map/region/metric``);
 * pair level: Spearman between the risk score and the pair's mean true error; AUROC of the risk score for
   pairs whose mean true error exceeds ``--error-threshold`` mm, and for the worst third of the pairs by
   true error (a failure definition that works for models of any accuracy);
@@ -39,7 +43,7 @@ from equiqc.pipeline.backends.registry import load_backend
 from equiqc.pipeline.decision import decide
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
 from equiqc.pipeline.perturbations import KINDS, PerturbationConfig
-from equiqc.pipeline.scores import auroc, map_error_mm, pair_summary, spearman
+from equiqc.pipeline.scores import auroc, map_error_mm, pair_summary, sparsification_naurc, spearman
 from equiqc.workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
@@ -71,19 +75,48 @@ def median_iqr(x) -> list[float]:
 ATLAS_OF = {"default": "mni", "multipropreg": "multipropreg"}
 
 
+def baseline_maps(prediction_map: np.ndarray, target: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-voxel maps that need no perturbation, each a candidate predictor of the error (mm or intensity/mm):
+    distance from the image centre, the prediction's displacement magnitude, the target's gradient magnitude."""
+    lin = np.asarray(affine, float)[:3, :3]
+    shape = target.shape
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    centre = (np.array(shape, float) - 1) / 2
+    offset = np.einsum("ij,j...->i...", lin, grid - centre.reshape(3, 1, 1, 1))
+    displacement = np.einsum("ij,j...->i...", lin, np.asarray(prediction_map, float) - grid)
+    spacing = np.linalg.norm(lin, axis=0)
+    gradient = np.stack(np.gradient(np.asarray(target, float), *spacing))
+    return {"centre_distance": np.linalg.norm(offset, axis=0), "displacement": np.linalg.norm(displacement, axis=0),
+            "gradient": np.linalg.norm(gradient, axis=0)}
+
+
+REGIONS = ("brain", "whole")  # inside the brain mask; the whole field of view (where std_mm is reported)
+
+
+def voxel_metrics(std: np.ndarray, err: np.ndarray, maps: dict[str, np.ndarray], brain: np.ndarray) -> dict:
+    """Voxel Pearson and Spearman with the true error and the sparsification nAURC, of ``std_mm`` and of each
+    baseline map, inside the brain and over the whole field (both where std_mm is reported)."""
+    out = {}
+    reported = np.isfinite(std) & np.isfinite(err)
+    for region_name, region in (("brain", brain & reported), ("whole", reported)):
+        for name, m in {"std": std, **maps}.items():
+            out[(name, region_name, "pearson")] = pearson(m[region], err[region])
+            out[(name, region_name, "spearman")] = spearman(m[region], err[region])
+            out[(name, region_name, "naurc")] = sparsification_naurc(m[region], err[region])
+    return out
+
+
 def validation_table(name: str, gt: str, model, pairs, t1, affine, brain, args, start: float) -> Iterator[dict]:
     """One line per perturbation family for one model and one ground-truth type's pairs (see module doc)."""
     for kind in args.kinds:
         cfg = EstimatorConfig(samples=args.samples, batch_size=args.batch_size,
                               perturbation=PerturbationConfig(kind=kind))
-        rows, vp, vs = [], [], []
+        rows, per_pair = [], []
         for i, (src, truth) in enumerate(pairs):
             res = estimate_uncertainty(model, src, t1, affine, affine, cfg, seed=i)
-            region = brain & np.isfinite(res.std_mm)
             err = map_error_mm(res.prediction_map, truth, affine)
-            vp.append(pearson(res.std_mm[region], err[region]))
-            summary = pair_summary(res, affine, brain, None, truth)  # its region is brain & reported std too
-            vs.append(summary.get("voxel_spearman_std_error", np.nan))  # ranks ~1e6 voxels: computed once
+            per_pair.append(voxel_metrics(res.std_mm, err, baseline_maps(res.prediction_map, t1, affine), brain))
+            summary = pair_summary(res, affine, brain, None, truth)
             rows.append({"status": "complete", "pair": i, **summary})
             print(f"  {name} {gt} {kind} pair {i + 1}/{len(pairs)}: {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
@@ -92,8 +125,10 @@ def validation_table(name: str, gt: str, model, pairs, t1, affine, brain, args, 
         err_mean = np.array([r["true_error_mean_mm"] for r in rows])
         tta = np.array([r["tta_error_mean_mm"] for r in rows])
         worst = err_mean >= np.sort(err_mean)[-max(1, len(err_mean) // 3)]
-        line = {"model": name, "gt": gt, "perturbation": kind, "voxel_pearson": median_iqr(vp),
-                "voxel_spearman": median_iqr(vs), "pair_spearman_risk_error": round(spearman(risk, err_mean), 3),
+        voxel = {"/".join(key): median_iqr([p[key] for p in per_pair]) for key in per_pair[0]}
+        line = {"model": name, "gt": gt, "perturbation": kind, "samples": args.samples,
+                "voxel_pearson": voxel["std/brain/pearson"], "voxel_spearman": voxel["std/brain/spearman"],
+                "voxel": voxel, "pair_spearman_risk_error": round(spearman(risk, err_mean), 3),
                 "auroc_error_above_threshold": round(auroc(risk, err_mean > args.error_threshold), 3),
                 "n_above_threshold": int((err_mean > args.error_threshold).sum()),
                 "auroc_worst_third": round(auroc(risk, worst), 3),
@@ -156,6 +191,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/validation")
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--sweep-pairs", type=int, default=3)
+    p.add_argument("--skip-mc", action="store_true", help="leave out the MC-dropout comparison")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +207,7 @@ def main() -> None:
                 results["table"].append(line)
                 (out / "results.json").write_text(json.dumps(results, indent=1))  # kept if the run is stopped
                 print(json.dumps({k: v for k, v in line.items() if k != "pairs_detail"}), flush=True)
-        if "both" in cached:
+        if "both" in cached and not args.skip_mc:
             results["mc_dropout"][name] = mc_dropout_comparison(name, model, cached["both"], t1, affine, brain, args)
             print(json.dumps({"model": name, "mc_dropout": results["mc_dropout"][name]}), flush=True)
         if not args.skip_sweep and name == args.models[0] and "both" in cached:

@@ -164,3 +164,33 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     if pos.size == 0 or neg.size == 0 or not np.isfinite(scores).all():
         return float("nan")
     return float(stats.mannwhitneyu(pos, neg, alternative="two-sided").statistic / (pos.size * neg.size))
+
+
+def sparsification_naurc(uncertainty: np.ndarray, error: np.ndarray, steps: int = 100, seed: int = 0) -> float:
+    """Normalised area under the sparsification curve of an uncertainty map against the true error (per voxel,
+    any units): 0 when the uncertainty orders the voxels exactly as the error does, 1 when it orders them no
+    better than chance, above 1 when worse.
+
+    Sparsification: remove the fraction ``f`` of voxels with the highest uncertainty (``f = 0, 1/steps, ...``) and
+    take the mean error of the rest; the area under that curve (mean over ``f``) is AURC. With the same curve for
+    the oracle (voxels removed by their true error) and for a random order (the mean error, flat),
+    ``nAURC = (AURC - AURC_oracle) / (AURC_random - AURC_oracle)``. Ties in the uncertainty are broken at random
+    (``seed``), so a constant map scores about 1. NaN for fewer than ``steps`` finite voxels or a constant error.
+    Written here because no maintained library computes it (scikit-learn has no sparsification curve).
+    """
+    u, e = np.asarray(uncertainty, float).ravel(), np.asarray(error, float).ravel()
+    keep = np.isfinite(u) & np.isfinite(e)
+    u, e = u[keep], e[keep]
+    n = e.size
+    if n < steps or np.ptp(e) == 0:
+        return float("nan")
+    shuffle = np.random.default_rng(seed).permutation(n)  # random tie-breaking under the stable sort below
+    removed = np.arange(steps) * n // steps  # voxels removed at each point of the curve
+
+    def aurc(key: np.ndarray) -> float:
+        order = shuffle[np.argsort(-key[shuffle], kind="stable")]  # highest first
+        tail_sums = np.cumsum(e[order][::-1])[::-1]  # tail_sums[k] = sum of the errors after removing k voxels
+        return float(np.mean(tail_sums[removed] / (n - removed)))
+
+    oracle = aurc(e)
+    return (aurc(u) - oracle) / (float(e.mean()) - oracle)

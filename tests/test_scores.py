@@ -17,7 +17,7 @@ from scipy import stats
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.decision import REASONS, RISK_BOUND, DecisionRules, average_ranks, decide
 from equiqc.pipeline.estimator import UncertaintyResult
-from equiqc.pipeline.scores import SUMMARY_KEYS, auroc, pair_summary, spearman
+from equiqc.pipeline.scores import SUMMARY_KEYS, auroc, pair_summary, sparsification_naurc, spearman
 from equiqc.storage.decisions import RatingsError, read_ratings, session_of
 from equiqc.workflows.cli import main
 
@@ -286,3 +286,20 @@ def test_closed_form_jacobian_determinant_equals_numpys(shape):
 def test_average_ranks_are_scipys(values):
     values = np.asarray(values, dtype=np.float64)  # small integers: many ties
     np.testing.assert_array_equal(average_ranks(values), stats.rankdata(values, method="average"))
+
+
+def test_sparsification_naurc_is_0_for_the_oracle_about_1_for_chance_and_ignores_monotone_rescaling():
+    rng = np.random.default_rng(0)
+    error = rng.gamma(2.0, 1.0, 100_000)
+    assert sparsification_naurc(error, error) == pytest.approx(0.0, abs=1e-12)
+    assert sparsification_naurc(np.exp(error), error) == pytest.approx(0.0, abs=1e-12)  # only the order matters
+    assert sparsification_naurc(rng.random(error.size), error) == pytest.approx(1.0, abs=0.05)
+    assert sparsification_naurc(np.zeros_like(error), error) == pytest.approx(1.0, abs=0.05)  # ties: random order
+    assert sparsification_naurc(-error, error) > 1.5  # the worst order
+    noisy = error + rng.normal(0, 1.0, error.size)  # a map that tracks the error partly
+    assert 0.05 < sparsification_naurc(noisy, error) < 0.95
+    # the curve by hand on 4 voxels, 2 steps: f = 0 (all kept) and f = 1/2 (two removed)
+    e, u = np.array([4.0, 1.0, 3.0, 2.0]), np.array([0.1, 0.4, 0.3, 0.2])
+    by_u, oracle, chance = (2.5 + (4 + 2) / 2) / 2, (2.5 + (1 + 2) / 2) / 2, 2.5
+    assert sparsification_naurc(u, e, steps=2) == pytest.approx((by_u - oracle) / (chance - oracle))
+    assert math.isnan(sparsification_naurc(u, np.ones(4), steps=2))
