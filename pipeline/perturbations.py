@@ -100,7 +100,9 @@ class Perturbations:
         index = torch.as_tensor(index, dtype=torch.long)
         if self.matrices is not None:
             return T.apply_affine(self.matrices[index].to(phi_prime.device), phi_prime)
-        return (tau or self.dense(index, phi_prime.device, phi_prime.dtype))(phi_prime)
+        if tau is None:
+            tau = self.dense(index, phi_prime.device, phi_prime.dtype)
+        return tau(phi_prime)
 
 
 @dataclass(frozen=True)
