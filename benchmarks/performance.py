@@ -42,6 +42,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from equiqc.pipeline import transforms as T
+from equiqc.pipeline.backends import base as B
 from equiqc.pipeline.backends.default_net import NET_SHAPE
 from equiqc.pipeline.backends.registry import load_backend
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
@@ -88,8 +89,6 @@ def diffeomorphic_cost(model, v, samples: int, repeats: int) -> dict:
     ``T`` of the network grid and checks one (its compose is a matrix product folded into the adapter's own).
     Medians over ``repeats * samples`` samples; the estimates' own stage times are reported beside them.
     """
-    from equiqc.pipeline.backends import base as B
-
     src = torch.as_tensor(v["source"].data, dtype=torch.float32)[None, None]
     tgt = torch.as_tensor(v["target"].data, dtype=torch.float32)[None, None]
     a_s, a_t = torch.as_tensor(v["source"].affine), torch.as_tensor(v["target"].affine)

@@ -78,15 +78,12 @@ ATLAS_OF = {"default": "mni", "multipropreg": "multipropreg"}
 def baseline_maps(prediction_map: np.ndarray, target: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
     """Per-voxel maps that need no perturbation, each a candidate predictor of the error (mm or intensity/mm):
     distance from the image centre, the prediction's displacement magnitude, the target's gradient magnitude."""
-    lin = np.asarray(affine, float)[:3, :3]
-    shape = target.shape
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
-    centre = (np.array(shape, float) - 1) / 2
-    offset = np.einsum("ij,j...->i...", lin, grid - centre.reshape(3, 1, 1, 1))
-    displacement = np.einsum("ij,j...->i...", lin, np.asarray(prediction_map, float) - grid)
-    spacing = np.linalg.norm(lin, axis=0)
+    grid = T.identity_grid(target.shape, torch.float64)[0].numpy()
+    centre = ((np.array(target.shape, float) - 1) / 2).reshape(-1, *([1] * target.ndim))
+    spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
     gradient = np.stack(np.gradient(np.asarray(target, float), *spacing))
-    return {"centre_distance": np.linalg.norm(offset, axis=0), "displacement": np.linalg.norm(displacement, axis=0),
+    return {"centre_distance": map_error_mm(grid, centre, affine),
+            "displacement": map_error_mm(np.asarray(prediction_map, float), grid, affine),
             "gradient": np.linalg.norm(gradient, axis=0)}
 
 
@@ -95,10 +92,10 @@ REGIONS = ("brain", "whole")  # inside the brain mask; the whole field of view (
 
 def voxel_metrics(std: np.ndarray, err: np.ndarray, maps: dict[str, np.ndarray], brain: np.ndarray) -> dict:
     """Voxel Pearson and Spearman with the true error and the sparsification nAURC, of ``std_mm`` and of each
-    baseline map, inside the brain and over the whole field (both where std_mm is reported)."""
+    baseline map, in each of :data:`REGIONS` (both where std_mm is reported)."""
     out = {}
     reported = np.isfinite(std) & np.isfinite(err)
-    for region_name, region in (("brain", brain & reported), ("whole", reported)):
+    for region_name, region in zip(REGIONS, (brain & reported, reported), strict=True):
         for name, m in {"std": std, **maps}.items():
             out[(name, region_name, "pearson")] = pearson(m[region], err[region])
             out[(name, region_name, "spearman")] = spearman(m[region], err[region])

@@ -119,8 +119,6 @@ class DenseWarp:
 
     def __call__(self, points: Tensor) -> Tensor:
         """``tau_b(points)`` for positions ``(b or 1, D, *out)`` in source voxels: ``(b, D, *out)``."""
-        if points.shape[0] == 1 and len(self) > 1:
-            points = points.expand(len(self), *points.shape[1:])
         return points + T.sample_displacement(self.displacement, points, self.shape)
 
     def on_grid(self, matrix: Tensor, shape: Sequence[int]) -> Tensor:
