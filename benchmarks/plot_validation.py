@@ -70,6 +70,8 @@ def main(paths: list[str]) -> None:
     fig.savefig(out / "correlations.png", bbox_inches="tight", dpi=110)
     plt.close(fig)
     sweep = res.get("k_sweep")
+    if sweep and "4" not in sweep:  # one sweep per model (results written before per-model sweeps: K keys)
+        sweep = next(iter(sweep.values()))
     if sweep:
         ks = sorted(int(k) for k in sweep)
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -2,7 +2,7 @@
 
 For each model (``--models``: the shipped ``default`` on nilearn's MNI152 2009 template at 2 mm, and/or
 ``multipropreg`` on the MultiPropReg package's 1 mm atlas in its true LIA layout), each ground-truth type
-(affine only, smooth deformable only, both) and each perturbation family (translation, rigid, affine,
+(affine only, smooth deformable only, both) and each perturbation family (translation, rigid, affine, scale, shear,
 diffeomorphic), on N subject->atlas pairs with a known map:
 
 * voxel level, per pair: Pearson and Spearman correlation between ``std_mm`` and the true error magnitude
@@ -17,8 +17,9 @@ diffeomorphic), on N subject->atlas pairs with a known map:
 * test-time augmentation: mean error of the mean composed map vs the unperturbed prediction.
 
 Then, for models with dropout: MC-dropout (same K) vs equivariance (rigid) on the "both" pairs (voxel
-correlation of the two maps, and of each with the true error); and for the first model a K sweep (4..64,
-rigid) for stability and correlation (``--skip-sweep`` leaves it out).
+correlation of the two maps, and of each with the true error); and for each model a K sweep (4..64, the
+model's default family or ``--sweep-kind``, on the first ``--sweep-pairs`` "both" pairs) for stability and the
+voxel metrics (``--skip-sweep`` leaves it out, ``--skip-table`` runs only these two).
 
     python benchmarks/validation.py --pairs 20 --samples 4 --out docs/validation
     python benchmarks/validation.py --models default multipropreg --pairs 10 --samples 4 --skip-sweep \
@@ -44,6 +45,7 @@ from equiqc.pipeline.decision import decide
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
 from equiqc.pipeline.perturbations import KINDS, PerturbationConfig
 from equiqc.pipeline.scores import auroc, map_error_mm, pair_summary, sparsification_naurc, spearman
+from equiqc.workflows.config import MODEL_DEFAULTS
 from equiqc.workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
@@ -156,24 +158,31 @@ def mc_dropout_comparison(name: str, model, pairs, t1, affine, brain, args) -> d
             "spearman_equivariance_vs_error": median_iqr(eq_err), "spearman_mcdropout_vs_error": median_iqr(mc_err)}
 
 
-def k_sweep(model, pairs, t1, affine, brain, args) -> dict:
-    """Stability (relative change vs K=64) and voxel correlation with the true error for K = 4..64 (rigid)."""
+def k_sweep(model, kind: str, pairs, t1, affine, brain, args) -> dict:
+    """Stability (mean absolute change of std_mm relative to the K = 64 map, brain) and the voxel metrics of
+    :func:`voxel_metrics` (std_mm against the true error, brain and whole field) for K = 4..64, family ``kind``,
+    on the first ``--sweep-pairs`` pairs."""
     ks = (4, 8, 16, 32, 64)
-    sweep = {k: {"corr": [], "rel_change": []} for k in ks}
+    sweep = {k: {"metrics": [], "rel_change": []} for k in ks}
     for i, (src, truth) in enumerate(pairs[: args.sweep_pairs]):
         maps = {}
         for k in ks:
-            cfg = EstimatorConfig(samples=k, batch_size=args.batch_size, perturbation=PerturbationConfig("rigid"))
+            cfg = EstimatorConfig(samples=k, batch_size=args.batch_size, perturbation=PerturbationConfig(kind))
             maps[k] = estimate_uncertainty(model, src, t1, affine, affine, cfg, seed=i)
         region = brain & np.isfinite(maps[64].std_mm)
         err = map_error_mm(maps[64].prediction_map, truth, affine)
         for k in ks:
+            sweep[k]["metrics"].append(voxel_metrics(maps[k].std_mm, err, {}, brain))
             s = maps[k].std_mm[region]
-            sweep[k]["corr"].append(spearman(s, err[region]))
             sweep[k]["rel_change"].append(float(np.nanmean(np.abs(s - maps[64].std_mm[region]))
                                                 / np.nanmean(maps[64].std_mm[region])))
-    return {k: {"voxel_spearman": median_iqr(v["corr"]), "rel_change_vs_64": median_iqr(v["rel_change"])}
-            for k, v in sweep.items()}
+        print(f"  sweep {kind} pair {i + 1}/{min(args.sweep_pairs, len(pairs))}", file=sys.stderr, flush=True)
+    out = {}
+    for k, v in sweep.items():
+        voxel = {"/".join(key[1:]): median_iqr([m[key] for m in v["metrics"]]) for key in v["metrics"][0]}
+        out[k] = {"perturbation": kind, "pairs": len(v["rel_change"]), "voxel_spearman": voxel["brain/spearman"],
+                  "voxel": voxel, "rel_change_vs_64": median_iqr(v["rel_change"])}
+    return out
 
 
 def main() -> None:
@@ -188,6 +197,9 @@ def main() -> None:
     p.add_argument("--out", default="docs/validation")
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--sweep-pairs", type=int, default=3)
+    p.add_argument("--sweep-kind", choices=list(KINDS),
+                   help="perturbation family of the K sweep (default: the model's, as a run would use)")
+    p.add_argument("--skip-table", action="store_true", help="only the MC-dropout comparison and the K sweep")
     p.add_argument("--skip-mc", action="store_true", help="leave out the MC-dropout comparison")
     args = p.parse_args()
     out = Path(args.out)
@@ -200,6 +212,8 @@ def main() -> None:
         cached = {}
         for gt in args.gt:
             cached[gt] = list(make_pairs(gt, args.pairs, seed=100 + list(GT_TYPES).index(gt), t1=t1, affine=affine))
+            if args.skip_table:
+                continue
             for line in validation_table(name, gt, model, cached[gt], t1, affine, brain, args, start):
                 results["table"].append(line)
                 (out / "results.json").write_text(json.dumps(results, indent=1))  # kept if the run is stopped
@@ -207,9 +221,11 @@ def main() -> None:
         if "both" in cached and not args.skip_mc:
             results["mc_dropout"][name] = mc_dropout_comparison(name, model, cached["both"], t1, affine, brain, args)
             print(json.dumps({"model": name, "mc_dropout": results["mc_dropout"][name]}), flush=True)
-        if not args.skip_sweep and name == args.models[0] and "both" in cached:
-            results["k_sweep"] = k_sweep(model, cached["both"], t1, affine, brain, args)
-            print(json.dumps({"k_sweep": results["k_sweep"]}), flush=True)
+        if not args.skip_sweep and "both" in cached:
+            kind = args.sweep_kind or MODEL_DEFAULTS.get(name, {}).get("perturbation", "rigid")
+            results["k_sweep"][name] = k_sweep(model, kind, cached["both"], t1, affine, brain, args)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+            print(json.dumps({"model": name, "k_sweep": results["k_sweep"][name]}), flush=True)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({"done": str(out / "results.json"), "elapsed_s": results["elapsed_s"]}))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-KINDS = ("translation", "rigid", "affine", "diffeomorphic")
+KINDS = ("translation", "rigid", "affine", "scale", "shear", "diffeomorphic")
+# "scale" and "shear" isolate one part of "affine" each (no rotation, no translation), to see which part of a
+# family a model undoes.
 # "none": K identity perturbations, for MC-dropout (the spread then comes from the model's own randomness).
 ALL_KINDS = KINDS + ("none",)
 

@@ -10,6 +10,8 @@ Families (``PerturbationConfig.kind``):
   angle in 2D) followed by a translation as above.
 * ``affine``: rigid, plus per-axis log-scales uniform in ``[-max_log_scale, +]`` and shears uniform in
   ``[-max_shear, +]``.
+* ``scale``: per-axis log-scales as in ``affine``, alone (no rotation, no translation): ``x -> S (x - c) + c``.
+* ``shear``: the shears of ``affine`` (upper triangle of a unit triangular matrix), alone, about the centre.
 * ``diffeomorphic``: ``exp(v)`` of a smooth stationary velocity field, drawn as Gaussian noise on a coarse
   control grid (``control_spacing_mm``), smoothed, scaled so the per-component standard deviation is
   ``velocity_std_mm``, upsampled linearly to an integration grid (:func:`integration_grid`, 4 intervals per
@@ -164,17 +166,20 @@ def world_linear_parts(config: PerturbationConfig, k: int, d: int, generator: to
 
     translation = uniform(k, d, half=config.max_translation_mm)
     linear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
-    if config.kind == "none":
-        return linear, torch.zeros_like(translation)
+    if config.kind in ("none", "scale", "shear"):
+        translation = torch.zeros_like(translation)
     if config.kind in ("rigid", "affine"):
         n_angles = 1 if d == 2 else 3
         linear = rotation_matrices(torch.deg2rad(uniform(k, n_angles, half=config.max_rotation_deg)), d)
-    if config.kind == "affine":
+    # The draws keep affine's order (scales, then shears), so its samples are unchanged by the two families.
+    scale = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    if config.kind in ("affine", "scale"):
         scale = torch.diag_embed(torch.exp(uniform(k, d, half=config.max_log_scale)))
-        shear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    shear = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    if config.kind in ("affine", "shear"):
         iu = torch.triu_indices(d, d, offset=1)
         shear[:, iu[0], iu[1]] = uniform(k, iu.shape[1], half=config.max_shear)
-        linear = linear @ shear @ scale
+    linear = linear @ shear @ scale
     return linear, translation
 
 

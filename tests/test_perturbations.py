@@ -40,12 +40,34 @@ def test_affine_families_stay_within_their_ranges(seed, kind):
         assert (torch.linalg.det(lin) > 0).all()
 
 
+@given(seed=st.integers(0, 2**40), kind=st.sampled_from(["scale", "shear"]))
+@settings(max_examples=20, deadline=None)
+def test_scale_and_shear_are_one_part_of_affine_alone_about_the_centre(seed, kind):
+    cfg = PerturbationConfig(kind=kind, max_log_scale=0.1, max_shear=0.05)
+    w = world(sample_perturbations(cfg, 16, SHAPE, AFFINE, seed))
+    lin = w[:, :3, :3]
+    c = T.grid_centre_mm(SHAPE, AFFINE)
+    assert torch.allclose(lin @ c + w[:, :3, 3], c.expand(16, 3), atol=1e-9)  # no translation, centre fixed
+    if kind == "scale":  # world-axis scalings: diagonal, each factor within exp(+-0.1), not all equal to 1
+        assert torch.allclose(lin, torch.diag_embed(lin.diagonal(dim1=1, dim2=2)), atol=1e-12)
+        assert (lin.diagonal(dim1=1, dim2=2).log().abs() <= 0.1 + 1e-12).all()
+        assert (lin.diagonal(dim1=1, dim2=2) - 1).abs().max() > 1e-3
+    else:  # unit upper triangular: volume kept, off-diagonal terms within +-0.05
+        assert torch.allclose(torch.tril(lin), torch.eye(3, dtype=torch.float64).expand_as(lin), atol=1e-12)
+        upper = torch.triu(lin, diagonal=1)
+        assert (upper.abs() <= 0.05 + 1e-12).all() and upper.abs().max() > 1e-4
+
+
 def test_same_seed_same_draws_and_pair_seed_is_stable():
     cfg = PerturbationConfig(kind="affine")
     a = sample_perturbations(cfg, 5, SHAPE, AFFINE, 42)
     b = sample_perturbations(cfg, 5, SHAPE, AFFINE, 42)
     c = sample_perturbations(cfg, 5, SHAPE, AFFINE, 43)
     assert torch.equal(a.matrices, b.matrices) and not torch.equal(a.matrices, c.matrices)
+    # affine's draws are pinned (scale and shear families added after it must not change a stored run's samples)
+    first = sample_perturbations(cfg, 1, SHAPE, AFFINE, 7).matrices[0, 0]
+    assert torch.allclose(first, torch.tensor([0.9808962642546579, -0.018743885301505274, -0.15485895995205917,
+                                               0.12835839902305324], dtype=torch.float64), atol=1e-12)
     assert pair_seed(0, "sub-01") == pair_seed(0, "sub-01") != pair_seed(1, "sub-01")
     assert pair_seed(0, "sub-01") == 3645224990371179424  # sha256("0:sub-01"): fixed across processes
 
@@ -61,7 +83,7 @@ def test_diffeomorphic_perturbation_is_smooth_invertible_and_of_the_stated_size(
     assert 0.8 < float(rms) < 4.0  # ~velocity_std_mm per component (integration changes it a little)
 
 
-@pytest.mark.parametrize("bad", [dict(kind="shear"), dict(max_translation_mm=-1.0),
+@pytest.mark.parametrize("bad", [dict(kind="bspline"), dict(max_translation_mm=-1.0),
                                  dict(max_rotation_deg=float("nan")), dict(control_spacing_mm=0.0)])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError, match="perturbation"):
