@@ -15,7 +15,7 @@ from doubles import ExactSolver, NoisySolver, coordinate_source, coordinate_targ
 
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, min_valid_samples
-from equiqc.pipeline.perturbations import PerturbationConfig, sample_perturbations
+from equiqc.pipeline.perturbations import KINDS, PerturbationConfig, sample_perturbations
 
 SOURCE_SHAPE = (26, 24, 22)
 TARGET_SHAPE = (12, 11, 10)
@@ -47,7 +47,7 @@ def affine2d(a: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("kind", ["translation", "rigid", "affine", "diffeomorphic"])
+@pytest.mark.parametrize("kind", KINDS)  # every family a run can ask for
 def test_exact_model_gives_back_the_affine_with_zero_spread(kind):
     source, target, phi = pair()
     model = ExactSolver("affine" if kind != "diffeomorphic" else "dense")
