@@ -18,6 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from equiqc.pipeline.perturbation_config import KINDS  # noqa: E402
+
+BASELINES = {"std": "std_mm", "centre_distance": "distance from centre", "displacement": "displacement magnitude",
+             "gradient": "gradient magnitude"}
+
 
 def markdown_table(table: list[dict]) -> str:
     """The lines as docs/validation.md's table, sorted by model, ground truth and perturbation."""
@@ -26,22 +31,47 @@ def markdown_table(table: list[dict]) -> str:
             "mean error of TTA mean map (mm) |\n" + "| --- " * 9 + "|")
     fmt = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
     order = {g: i for i, g in enumerate(("affine", "deformable", "both"))}
-    kinds = {k: i for i, k in enumerate(("translation", "rigid", "affine", "diffeomorphic"))}
     lines = sorted(table, key=lambda r: (r.get("model", "default"), order.get(r["gt"], 9),
-                                         kinds.get(r["perturbation"], 9)))
+                                         KINDS.index(r["perturbation"])))
     rows = [f"| {r.get('model', 'default')} | {r['gt']} | {r['perturbation']} | {fmt(r['voxel_pearson'])} | "
             f"{fmt(r['voxel_spearman'])} | {r['pair_spearman_risk_error']:.2f} | {r.get('auroc_worst_third', 'n/a')} | "
             f"{r['mean_error_mm']:.2f} | {r['tta_error_mm']:.2f} |" for r in lines]
     return "\n".join([head, *rows])
 
 
-def main(paths: list[str]) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    res = {"table": [line for run in runs for line in run["table"]],
-           "k_sweep": next((run["k_sweep"] for run in runs if run.get("k_sweep")), None)}
-    out = Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
-    print(markdown_table(res["table"]))
-    table = res["table"]
+def baseline_table(table: list[dict]) -> str:
+    """Per line and region: voxel Spearman / nAURC medians of std_mm and of each baseline map, the best Spearman
+    of the row in bold (lines written before the baselines were measured are left out)."""
+    head = ("| model | ground truth | perturbation | K | pairs | region | " + " | ".join(BASELINES.values()) + " |\n"
+            + "| --- " * (6 + len(BASELINES)) + "|")
+    rows = []
+    for r in table:
+        if "gradient/brain/spearman" not in r.get("voxel", {}):
+            continue
+        for region in ("brain", "whole"):
+            rho = {m: r["voxel"][f"{m}/{region}/spearman"][0] for m in BASELINES}
+            best = max(rho, key=rho.get)
+            cells = [f"{rho[m]:.2f} / {r['voxel'][f'{m}/{region}/naurc'][0]:.2f}" for m in BASELINES]
+            cells = [f"**{c}**" if m == best else c for m, c in zip(BASELINES, cells, strict=True)]
+            rows.append(f"| {r.get('model', 'default')} | {r['gt']} | {r['perturbation']} | {r['samples']} | "
+                        f"{len(r['pairs_detail'])} | {region} | " + " | ".join(cells) + " |")
+    return "\n".join([head, *rows]) if rows else ""
+
+
+def sweep_table(sweeps: dict) -> str:
+    """Per model and K: relative change of std_mm vs K = 64 and the voxel metrics (medians [IQR] over pairs)."""
+    head = ("| model | family | pairs | K | change vs K = 64 | Spearman brain | nAURC brain | Spearman whole | "
+            "nAURC whole |\n" + "| --- " * 9 + "|")
+    fmt = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
+    rows = [f"| {model} | {v['perturbation']} | {v['pairs']} | {k} | {fmt(v['rel_change_vs_64'])} | "
+            + " | ".join(fmt(v["voxel"][key]) for key in ("brain/spearman", "brain/naurc", "whole/spearman",
+                                                           "whole/naurc")) + " |"
+            for model, sweep in sweeps.items() for k, v in sweep.items() if "voxel" in v]
+    return "\n".join([head, *rows]) if rows else ""
+
+
+def plot_correlations(table: list[dict], out: Path) -> None:
+    """correlations.png: voxel and pair Spearman per model, ground truth and perturbation family."""
     models = list(dict.fromkeys(r.get("model", "default") for r in table))
     gts = list(dict.fromkeys(r["gt"] for r in table))
     kinds = list(dict.fromkeys(r["perturbation"] for r in table))
@@ -69,6 +99,22 @@ def main(paths: list[str]) -> None:
         row[0].legend(title="perturbation", fontsize=9)
     fig.savefig(out / "correlations.png", bbox_inches="tight", dpi=110)
     plt.close(fig)
+
+
+def main(paths: list[str]) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    res = {"table": [line for run in runs for line in run["table"]],
+           "k_sweep": next((run["k_sweep"] for run in runs if run.get("k_sweep")), None)}
+    out = Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
+    print(markdown_table(res["table"]))
+    print(baseline_table(res["table"]))
+    sweeps = {}
+    for run in runs:
+        if run.get("k_sweep") and "4" not in run["k_sweep"]:
+            sweeps.update(run["k_sweep"])
+    print(sweep_table(sweeps))
+    if res["table"]:
+        plot_correlations(res["table"], out)
     sweep = res.get("k_sweep")
     if sweep and "4" not in sweep:  # one sweep per model (results written before per-model sweeps: K keys)
         sweep = next(iter(sweep.values()))
@@ -78,7 +124,7 @@ def main(paths: list[str]) -> None:
         ax.plot(ks, [sweep[str(k)]["rel_change_vs_64"][0] for k in ks], "o-", label="relative change of std_mm vs K=64")
         ax.plot(ks, [sweep[str(k)]["voxel_spearman"][0] for k in ks], "s-", label="voxel Spearman with true error")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("K (rigid perturbations)")
+        ax.set_xlabel(f"K ({sweep['4'].get('perturbation', 'rigid')} perturbations)")
         ax.legend(fontsize=9)
         fig.savefig(out / "k_sweep.png", bbox_inches="tight", dpi=110)
         plt.close(fig)
