@@ -59,15 +59,21 @@ def baseline_table(table: list[dict]) -> str:
 
 
 def sweep_table(sweeps: dict) -> str:
-    """Per model and K: relative change of std_mm vs K = 64 and the voxel metrics (medians [IQR] over pairs)."""
+    """Per model and K: relative change of std_mm vs K = 64 and its voxel metrics (medians [IQR] over pairs); a
+    last row per model with the distance from the centre's metrics on the same pairs."""
+    cols = ("brain/spearman", "brain/naurc", "whole/spearman", "whole/naurc")
     head = ("| model | family | pairs | K | change vs K = 64 | Spearman brain | nAURC brain | Spearman whole | "
             "nAURC whole |\n" + "| --- " * 9 + "|")
     fmt = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
-    rows = [f"| {model} | {v['perturbation']} | {v['pairs']} | {k} | {fmt(v['rel_change_vs_64'])} | "
-            + " | ".join(fmt(v["voxel"][key]) for key in ("brain/spearman", "brain/naurc", "whole/spearman",
-                                                           "whole/naurc")) + " |"
-            for model, sweep in sweeps.items() for k, v in sweep.items() if "voxel" in v]
-    return "\n".join([head, *rows]) if rows else ""
+    rows = []
+    for model, sweep in sweeps.items():
+        rows += [f"| {model} | {v['perturbation']} | {v['pairs']} | {k} | {fmt(v['rel_change_vs_64'])} | "
+                 + " | ".join(fmt(v["voxel"][c]) for c in cols) + " |" for k, v in sweep.items()]
+        last = sweep[max(sweep, key=int)]
+        if f"centre_distance/{cols[0]}" in last["voxel"]:
+            rows.append(f"| {model} | distance from centre | {last['pairs']} | - | - | "
+                        + " | ".join(fmt(last["voxel"][f"centre_distance/{c}"]) for c in cols) + " |")
+    return "\n".join([head, *rows]) if len(rows) else ""
 
 
 def plot_correlations(table: list[dict], out: Path) -> None:

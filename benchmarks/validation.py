@@ -161,7 +161,7 @@ def mc_dropout_comparison(name: str, model, pairs, t1, affine, brain, args) -> d
 def k_sweep(model, kind: str, pairs, t1, affine, brain, args) -> dict:
     """Stability (mean absolute change of std_mm relative to the K = 64 map, brain) and the voxel metrics of
     :func:`voxel_metrics` (std_mm against the true error, brain and whole field) for K = 4..64, family ``kind``,
-    on the first ``--sweep-pairs`` pairs."""
+    on the first ``--sweep-pairs`` pairs; the baselines' metrics (which do not depend on K) under K = 64."""
     ks = (4, 8, 16, 32, 64)
     sweep = {k: {"metrics": [], "rel_change": []} for k in ks}
     for i, (src, truth) in enumerate(pairs[: args.sweep_pairs]):
@@ -171,15 +171,17 @@ def k_sweep(model, kind: str, pairs, t1, affine, brain, args) -> dict:
             maps[k] = estimate_uncertainty(model, src, t1, affine, affine, cfg, seed=i)
         region = brain & np.isfinite(maps[64].std_mm)
         err = map_error_mm(maps[64].prediction_map, truth, affine)
+        baselines = baseline_maps(maps[64].prediction_map, t1, affine)  # K-independent: measured once, at K = 64
         for k in ks:
-            sweep[k]["metrics"].append(voxel_metrics(maps[k].std_mm, err, {}, brain))
+            sweep[k]["metrics"].append(voxel_metrics(maps[k].std_mm, err, baselines if k == 64 else {}, brain))
             s = maps[k].std_mm[region]
             sweep[k]["rel_change"].append(float(np.nanmean(np.abs(s - maps[64].std_mm[region]))
                                                 / np.nanmean(maps[64].std_mm[region])))
         print(f"  sweep {kind} pair {i + 1}/{min(args.sweep_pairs, len(pairs))}", file=sys.stderr, flush=True)
     out = {}
     for k, v in sweep.items():
-        voxel = {"/".join(key[1:]): median_iqr([m[key] for m in v["metrics"]]) for key in v["metrics"][0]}
+        voxel = {"/".join(key if key[0] != "std" else key[1:]): median_iqr([m[key] for m in v["metrics"]])
+                 for key in v["metrics"][0]}
         out[k] = {"perturbation": kind, "pairs": len(v["rel_change"]), "voxel_spearman": voxel["brain/spearman"],
                   "voxel": voxel, "rel_change_vs_64": median_iqr(v["rel_change"])}
     return out
