@@ -45,7 +45,7 @@ from equiqc.pipeline.decision import decide
 from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty, mc_dropout_config
 from equiqc.pipeline.perturbations import KINDS, PerturbationConfig
 from equiqc.pipeline.scores import auroc, map_error_mm, pair_summary, sparsification_naurc, spearman
-from equiqc.workflows.config import MODEL_DEFAULTS
+from equiqc.workflows.config import make_config
 from equiqc.workflows.demo import _intensity, _subject_map, _templates
 
 GT_TYPES = {"affine": {"vel_mm": 0.0}, "deformable": {"rot_deg": 0.0, "shift_mm": 0.0, "scale": 0.0, "vel_mm": 3.0},
@@ -224,7 +224,7 @@ def main() -> None:
             results["mc_dropout"][name] = mc_dropout_comparison(name, model, cached["both"], t1, affine, brain, args)
             print(json.dumps({"model": name, "mc_dropout": results["mc_dropout"][name]}), flush=True)
         if not args.skip_sweep and "both" in cached:
-            kind = args.sweep_kind or MODEL_DEFAULTS.get(name, {}).get("perturbation", "rigid")
+            kind = args.sweep_kind or make_config(model=name).perturbation  # as a run of this model would
             results["k_sweep"][name] = k_sweep(model, kind, cached["both"], t1, affine, brain, args)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(json.dumps({"model": name, "k_sweep": results["k_sweep"][name]}), flush=True)
