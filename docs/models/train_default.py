@@ -55,17 +55,24 @@ def load_template(path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return to(t1), (to(mask) > 0.5).astype(np.float32), spacing
 
 
+def network_matrices(rot: torch.Tensor, shift_mm: torch.Tensor, spacing: np.ndarray,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Homogeneous matrices (k,4,4) in network voxels of physical rotations (k,3,3), then scalings (k,3,3) if
+    given, about the grid centre, followed by translations (k,3) in mm."""
+    sp = torch.as_tensor(spacing, dtype=torch.float64)
+    lin = torch.diag(1 / sp) @ rot
+    lin = (lin if scale is None else lin @ scale) @ torch.diag(sp)
+    c = torch.tensor([(n - 1) / 2 for n in NET_SHAPE], dtype=torch.float64)
+    return T.matrix_from_parts(lin, c - lin @ c + shift_mm / sp)
+
+
 def random_maps(k: int, gen: torch.Generator, device, spacing: np.ndarray):
     """k maps ``M o exp(v)`` on the network grid: (affine matrices (k,4,4), velocity (k,3,*NET_SHAPE))."""
     deg = (torch.rand(k, 3, generator=gen) * 2 - 1) * 6.0
     rot = rotation_matrices(torch.deg2rad(deg).double(), 3)
     scale = torch.diag_embed(1 + (torch.rand(k, 3, generator=gen).double() * 2 - 1) * 0.05)
     shift_mm = (torch.rand(k, 3, generator=gen).double() * 2 - 1) * 5.0
-    sp = torch.as_tensor(spacing, dtype=torch.float64)
-    lin = torch.diag(1 / sp) @ rot @ scale @ torch.diag(sp)  # physical rotation/scale in voxel coordinates
-    c = torch.tensor([(n - 1) / 2 for n in NET_SHAPE], dtype=torch.float64)
-    trans = c - lin @ c + shift_mm / sp
-    mats = T.matrix_from_parts(lin, trans).to(device)
+    mats = network_matrices(rot, shift_mm, spacing, scale).to(device)
     per_voxel = (2.0 / torch.as_tensor(spacing, dtype=torch.float32)).view(1, 3, 1, 1, 1)  # 2 mm in voxels
     coarse = torch.randn(k, 3, 7, 8, 7, generator=gen) * per_voxel
     v = F.interpolate(coarse.to(device), size=NET_SHAPE, mode="trilinear", align_corners=True)
@@ -183,25 +190,22 @@ def recovery_check(net, t1, mask, spacing, pairs: int = 20, device="cpu", seed: 
     sp = torch.as_tensor(spacing, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
     brain = torch.as_tensor(mask, device=device) > 0
     ident = T.identity_grid(NET_SHAPE, device=device)
-    c = torch.tensor([(n - 1) / 2 for n in NET_SHAPE], dtype=torch.float64)
-    sp64 = torch.as_tensor(spacing, dtype=torch.float64)
+    fwd = lambda w: T.displacement_to_map(T.scaling_and_squaring(w))  # noqa: E731
     out = {}
     for kind, goal in RECOVERY_GOALS.items():
         fractions = []
         for _ in range(pairs):
             if kind == "local_3mm":  # random_maps' velocity only, scaled to 3 mm mean displacement in the brain
                 _, v = random_maps(1, gen, device, spacing)
-                fwd = lambda w: T.displacement_to_map(T.scaling_and_squaring(w))  # noqa: E731
                 for _ in range(4):  # exp is not linear in v: a few fixed-point steps bring it to 3 mm
                     v = v * (3.0 / ((fwd(v) - ident) * sp).norm(dim=1)[0][brain].mean())
                 a, phi = fwd(v), fwd(-v)
             else:  # rotation and translation drawn in mm about the centre, in network voxels
                 deg = (torch.rand(1, 3, generator=gen) * 2 - 1) * 6.0
-                shift_mm = (torch.rand(3, generator=gen).double() * 2 - 1) * 5.0
-                lin = torch.diag(1 / sp64) @ rotation_matrices(torch.deg2rad(deg).double(), 3)[0] @ torch.diag(sp64)
-                m = T.matrix_from_parts(lin, c - lin @ c + shift_mm / sp64).to(device)
-                a = T.apply_affine(m[None], ident)
-                phi = T.apply_affine(torch.linalg.inv(m)[None], ident)
+                shift_mm = (torch.rand(1, 3, generator=gen).double() * 2 - 1) * 5.0
+                m = network_matrices(rotation_matrices(torch.deg2rad(deg).double(), 3), shift_mm, spacing).to(device)
+                a = T.apply_affine(m, ident)
+                phi = T.apply_affine(torch.linalg.inv(m), ident)
             src = augment(T.warp(t1[:1], a.float()), gen)
             tgt = augment(t1[:1], gen)
             pred = net(src, tgt)
