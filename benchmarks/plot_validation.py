@@ -73,7 +73,7 @@ def sweep_table(sweeps: dict) -> str:
         if f"centre_distance/{cols[0]}" in last["voxel"]:
             rows.append(f"| {model} | distance from centre | {last['pairs']} | - | - | "
                         + " | ".join(fmt(last["voxel"][f"centre_distance/{c}"]) for c in cols) + " |")
-    return "\n".join([head, *rows]) if len(rows) else ""
+    return "\n".join([head, *rows]) if rows else ""
 
 
 def plot_correlations(table: list[dict], out: Path) -> None:
@@ -107,23 +107,27 @@ def plot_correlations(table: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def sweeps_by_model(runs: list[dict]) -> dict:
+    """The runs' K sweeps as ``{model: {K: ...}}``. A results.json written before sweeps were per model holds one
+    sweep keyed by K, of its first model (the default model when it predates ``--models``)."""
+    out = {}
+    for run in runs:
+        sweep = run.get("k_sweep") or {}
+        out.update({run["args"].get("models", ["default"])[0]: sweep} if "4" in sweep else sweep)
+    return out
+
+
 def main(paths: list[str]) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    res = {"table": [line for run in runs for line in run["table"]],
-           "k_sweep": next((run["k_sweep"] for run in runs if run.get("k_sweep")), None)}
+    table = [line for run in runs for line in run["table"]]
+    sweeps = sweeps_by_model(runs)
     out = Path(os.path.commonpath([Path(p).resolve().parent for p in paths]))
-    print(markdown_table(res["table"]))
-    print(baseline_table(res["table"]))
-    sweeps = {}
-    for run in runs:
-        if run.get("k_sweep") and "4" not in run["k_sweep"]:
-            sweeps.update(run["k_sweep"])
-    print(sweep_table(sweeps))
-    if res["table"]:
-        plot_correlations(res["table"], out)
-    sweep = res.get("k_sweep")
-    if sweep and "4" not in sweep:  # one sweep per model (results written before per-model sweeps: K keys)
-        sweep = next(iter(sweep.values()))
+    print(markdown_table(table))
+    print(baseline_table(table))
+    print(sweep_table({model: sweep for model, sweep in sweeps.items() if "voxel" in sweep["4"]}))
+    if table:
+        plot_correlations(table, out)
+    sweep = next(iter(sweeps.values()), None)  # the plot: the first model's sweep
     if sweep:
         ks = sorted(int(k) for k in sweep)
         fig, ax = plt.subplots(figsize=(5, 3.5))
