@@ -19,6 +19,9 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
   - ``folding``: ``folding_fraction`` of the prediction above ``folding_threshold``;
   - ``fov``: the prediction maps more than ``fov_threshold`` of the region outside the source image
     (``fov_loss_fraction``: the registration had to invent that anatomy);
+  - ``deviation``: the pair's registration was given (a pipeline's transform file, manifest column
+    ``transform``) and lies far from what the method reproduces: ``transform_deviation_p95_mm`` (95th percentile
+    over the region of its distance from the perturbed registrations' mean) above ``deviation_mm``;
   - ``similarity``: the correlation of the registered source with the target (``similarity_ncc``) is below the
     cohort's lower Tukey fence, ``Q1 - k IQR`` of the complete pairs' values, and at least
     ``min_similarity_drop`` below the cohort median (needs :data:`MIN_COHORT_FOR_OUTLIERS` pairs); a
@@ -37,7 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REASONS = ("failed", "empty_region", "uncertainty", "outlier", "similarity", "folding", "fov")
+REASONS = ("failed", "empty_region", "uncertainty", "outlier", "similarity", "folding", "fov", "deviation")
+# a given transform's distance from what the method reproduces (equiqc.pipeline.scores.transform_deviation)
+DEVIATION_KEYS = ("transform_deviation_mean_mm", "transform_deviation_p95_mm")
 RISK_BOUND = 8.0
 MIN_COHORT_FOR_OUTLIERS = 5
 CONTEXT_METRIC = "uncertainty_p95_mm"
@@ -54,6 +59,7 @@ class DecisionRules:
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
     min_similarity_drop: float = 0.1
+    deviation_mm: float = 3.0
 
 
 def _finite(x) -> bool:
@@ -127,6 +133,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
             reasons.append("folding")
         if _finite(r.get("fov_loss_fraction")) and float(r["fov_loss_fraction"]) > rules.fov_threshold:
             reasons.append("fov")
+        if _finite(r.get(DEVIATION_KEYS[1])) and float(r[DEVIATION_KEYS[1]]) > rules.deviation_mm:
+            reasons.append("deviation")
         r.update(risk_score=float(score), cohort_percentile=float(pct), flag_reasons=reasons, flagged=bool(reasons))
     for r in rows:
         if r.get("status") != "complete":

@@ -118,7 +118,8 @@ class UncertaintyResult:
         (source world axes); ``None`` when the estimate was asked for the spread only.
     mean_map: mean composed map ``E[psi]`` in source voxel units, ``(D, *target)``, NaN where no sample
         is valid (the test-time-augmented registration).
-    prediction_map: the unperturbed prediction ``R(A, B)`` in source voxel units, ``(D, *target)``.
+    prediction_map: the unperturbed prediction ``R(A, B)`` in source voxel units, ``(D, *target)``; or the
+        registration given to :func:`estimate_uncertainty` (``prediction_given``).
     n_valid: valid samples per voxel, ``(*target)``.
     intrinsic_spread_mm2, bias_jitter_mm2: the split of ``covariance_mm2`` (same layout) when the backend
         is stochastic and ``draws > 1``; they add up to ``covariance_mm2``.
@@ -139,6 +140,7 @@ class UncertaintyResult:
     bias_jitter_mm2: np.ndarray | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0
+    prediction_given: bool = False
 
     @property
     def trace_mm2(self) -> np.ndarray:
@@ -204,6 +206,7 @@ def estimate_uncertainty(
     target_affine: np.ndarray | Tensor | None = None,
     config: EstimatorConfig | None = None,
     seed: int = 0,
+    prediction: Tensor | np.ndarray | None = None,
 ) -> UncertaintyResult:
     """Run the equivariance estimator on one pair.
 
@@ -212,6 +215,10 @@ def estimate_uncertainty(
     backend's own randomness (e.g. dropout): same inputs, seed, device and batch size give the same numbers
     (another batch size draws the same perturbations; only the network's float rounding differs, ~1e-6).
     All computation happens on ``backend.device``; results come back as numpy arrays.
+
+    ``prediction``: a registration already made for this pair (``(D, *target)``, source voxel units, e.g. a
+    pipeline's transform file, :mod:`equiqc.storage.transform_files`): it becomes ``prediction_map`` and the
+    backend's unperturbed registration is not run (``prediction_given`` is then true).
     """
     config = config or EstimatorConfig()
     if config.perturbation.kind == "none" and not backend.stochastic:
@@ -238,7 +245,13 @@ def estimate_uncertainty(
     weights = M.trace_weights(linear)  # trace(Cov_mm) from the voxel-unit components (spread-only mode)
     comps = M.components(d) if full else tuple(weights)
     stats = M.StreamingMoments(d, tgt_shape, device, comps=comps)
-    prediction: Tensor | None = None  # the unperturbed registration
+    given = prediction is not None
+    if given:
+        prediction = torch.as_tensor(prediction).to(device=device, dtype=torch.float32)
+        if tuple(prediction.shape) != (d, *tgt_shape):
+            raise ValueError(f"the given prediction has shape {tuple(prediction.shape)}; expected {(d, *tgt_shape)} "
+                             "(one channel per axis, on the target grid)")
+        pending = [g for g in pending if g.counted]  # the unperturbed registration is not needed
     timer = _Timer(device)
     t_start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
@@ -252,7 +265,7 @@ def estimate_uncertainty(
         t0 = time.perf_counter()
         pair = B.prepare(backend, src, tgt, a_src, a_tgt)
         t0 = timer.lap("prepare", t0)
-        if backend.stochastic:  # the prediction a user applies: randomness off, outside the samples
+        if backend.stochastic and not given:  # the prediction a user applies: randomness off, outside the samples
             with B.deterministic(backend):
                 prediction = _predict(backend, pair, pert, [_Group(identity, 1, False)], timer, src_shape,
                                       tgt_shape)[2].clone()
@@ -304,6 +317,7 @@ def estimate_uncertainty(
             prediction_map=prediction.float().cpu().numpy(),
             n_valid=stats.count.round().to(torch.int32).cpu().numpy(),
             n_samples=n_samples,
+            prediction_given=given,
             intrinsic_spread_mm2=_split_term(stats, "within", comps, linear, reported) if split else None,
             bias_jitter_mm2=_split_term(stats, "between", comps, linear, reported) if split else None,
         )

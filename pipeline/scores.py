@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from equiqc.pipeline import transforms as T
+from equiqc.pipeline.decision import DEVIATION_KEYS
 from equiqc.pipeline.estimator import UncertaintyResult
 
 
@@ -90,6 +91,7 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
     unperturbed prediction, the registration a user uses), ``tta_error_mean_mm`` (of the mean map) and
     ``voxel_spearman_std_error``.
+    A result whose prediction was given (a pipeline's transform file) also gets :func:`transform_deviation`.
     Fractions and means are over the region's voxels, in float64; quantiles interpolate linearly, as numpy's.
     """
     dev = torch.device(device)
@@ -117,6 +119,8 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
                                                             torch.as_tensor(target, device=dev), phi, region)
             if source is not None and target is not None else np.nan,
         })
+    if result.prediction_given:
+        out.update(transform_deviation(result, source_affine, region, dev))
     if labels is not None:
         out.update(_label_means(torch.as_tensor(labels, device=dev), region, std, label_names or {}))
     if ground_truth is not None:
@@ -129,6 +133,21 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
         if err.numel():  # voxel-level agreement of uncertainty with the prediction's true error
             out["voxel_spearman_std_error"] = spearman(std.cpu().numpy(), err.cpu().numpy())
     return out
+
+
+def transform_deviation(result: UncertaintyResult, source_affine: np.ndarray, region: Tensor,
+                        device: str | torch.device = "cpu") -> dict[str, float]:
+    """How far a given registration (``result.prediction_map``, e.g. a pipeline's transform file) lies from what
+    the method reproduces, the perturbed registrations' mean map (``result.mean_map``): the mean and 95th
+    percentile over ``region`` (flat indices) of their per-voxel distance in mm (``transform_deviation_mean_mm``,
+    ``transform_deviation_p95_mm``); NaN where the region holds no voxel with a mean map."""
+    mean = torch.as_tensor(result.mean_map, dtype=torch.float32, device=device)
+    phi = torch.as_tensor(result.prediction_map, dtype=torch.float32, device=device)
+    dist = _select(map_error_mm(phi, mean, source_affine), region).double()
+    dist = dist[torch.isfinite(dist)]
+    if dist.numel() == 0:
+        return dict.fromkeys(DEVIATION_KEYS, np.nan)
+    return {"transform_deviation_mean_mm": float(dist.mean()), "transform_deviation_p95_mm": quantile(dist, 0.95)}
 
 
 def _label_means(labels: Tensor, region: Tensor, std: Tensor, names: dict[int, str]) -> dict[str, float]:

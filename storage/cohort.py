@@ -15,7 +15,8 @@ with attributes ``affine`` (RAS+ voxel-to-world, mm), ``original_affine``, ``ori
 ``orientation`` (the file's axis codes), ``spacing_mm``, ``source_dtype``, ``sha256`` (of the file's
 bytes), ``path`` and ``header`` (the NIfTI header fields outputs on this grid copy:
 :func:`equiqc.storage.nifti.header_fields`). Images are stored as float32, masks as uint8, labels as int32,
-ground-truth maps as float32 ``(3, X, Y, Z)``.
+ground-truth maps and given transforms (manifest column ``transform``, :mod:`equiqc.storage.transform_files`) as
+float32 ``(3, X, Y, Z)`` maps in source voxels, in the pair's own group.
 
 Chunks are 64^3 voxels (:func:`equiqc.storage.arrays.chunks_for`); arrays use Zarr's default compression (zstd)
 and are written by path, one Zarr call each (:mod:`equiqc.storage.arrays`).
@@ -43,13 +44,16 @@ import zarr
 from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.manifest import PairSpec
 from equiqc.storage.nifti import Volume, VolumeError, load_volume
+from equiqc.storage.transform_files import read_transform_map
 
 PAIRS = "pairs"  # one group per pair: which volume is each role, status, hashes (and the ground truth)
 VOLUMES = "volumes"  # content-addressed input volumes, shared by the pairs that use the same file
 ROLE_DTYPES = {"source": np.float32, "target": np.float32, "source_mask": np.uint8, "target_mask": np.uint8,
                "source_labels": np.int32, "target_labels": np.int32}
 GRID_OF = {"source_mask": "source", "source_labels": "source", "target_mask": "target",
-           "target_labels": "target", "ground_truth": "target"}
+           "target_labels": "target", "ground_truth": "target", "transform": "target"}
+# maps that depend on both grids of their pair: kept in the pair's own group, never shared
+PAIR_MAPS = ("ground_truth", "transform")
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,9 @@ def load_pair(spec: PairSpec, max_voxels: int | None = None,
     if spec.path("ground_truth") is not None:
         truth = _load_ground_truth(spec.path("ground_truth"), volumes["target"], volumes["source"])
         out["ground_truth"] = (truth, volumes["target"])
+    if spec.path("transform") is not None:
+        given = read_transform_map(spec.path("transform"), volumes["source"], volumes["target"])
+        out["transform"] = (given, volumes["target"])
     return out
 
 
@@ -258,7 +265,7 @@ def ingest_and_keep(spec: PairSpec, store: str | Path, max_voxels: int | None = 
                  "spacing_mm": list(vol.spacing_mm), "sha256": hashes[role], "path": str(spec.path(role)),
                  "header": vol.header}
         kept[role] = StoredVolume(data, np.asarray(attrs["affine"]), attrs)
-        if role == "ground_truth":  # depends on both grids of this pair: not shared
+        if role in PAIR_MAPS:  # depends on both grids of this pair: not shared
             own[role] = (data, attrs)
         else:
             shared[role] = volume_key(hashes[role], data.dtype)
@@ -305,7 +312,7 @@ def read_pair(store: str | Path, pair_id: str, roles: tuple[str, ...] | None = N
     for role in roles or group.attrs["roles"]:
         if role in shared:
             arr = zarr.open_array(str(Path(store) / VOLUMES / shared[role]), mode="r")
-        elif role in group:  # the ground truth, and every role of stores written before content addressing
+        elif role in group:  # PAIR_MAPS, and every role of stores written before content addressing
             arr = group[role]
         else:
             continue

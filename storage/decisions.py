@@ -1,9 +1,10 @@
 """The decision files of a run folder, as TSV for R, shell and BIDS tools, and the people's ratings.
 
 * ``DIR/decisions.tsv``: one row per pair: ``pair_id subject_id session risk_score expected_error_mm
-  expected_error_upper_mm flag_reasons rating exclude`` (``flag_reasons`` comma-separated from
-  :data:`equiqc.pipeline.decision.REASONS`, empty when none; ``rating`` empty when nobody rated the pair;
-  ``exclude`` ``true``/``false``).
+  expected_error_upper_mm transform_deviation_mean_mm transform_deviation_p95_mm flag_reasons rating exclude``
+  (the deviations: empty unless the pair's registration was given as a transform file; ``flag_reasons``
+  comma-separated from :data:`equiqc.pipeline.decision.REASONS`, empty when none; ``rating`` empty when nobody
+  rated the pair; ``exclude`` ``true``/``false``).
 * ``DIR/exclude.tsv``: the pairs to drop (``pair_id subject_id session flag_reasons rating``).
 * ``DIR/ratings.tsv``: every rating merged so far (``pair_id rating rater note``), one row per pair, the
   latest file given winning. It is only ever added to by ``equiqc report --ratings``: rebuilding the
@@ -23,13 +24,14 @@ from pathlib import Path
 import pandas as pd
 
 from equiqc.errors import UserError
-from equiqc.pipeline.decision import REASONS
+from equiqc.pipeline.decision import DEVIATION_KEYS, REASONS
 from equiqc.storage.atomic import atomic_path, write_text_atomic
 
 RATINGS = ("include", "exclude", "unsure")
 RATING_COLUMNS = ("pair_id", "rating", "rater", "note")
 DECISION_COLUMNS = ("pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
-                    "expected_error_upper_mm", "flag_reasons", "rating", "exclude")
+                    "expected_error_upper_mm", "transform_deviation_mean_mm", "transform_deviation_p95_mm",
+                    "flag_reasons", "rating", "exclude")
 EXCLUDE_COLUMNS = ("pair_id", "subject_id", "session", "flag_reasons", "rating")
 
 
@@ -97,6 +99,7 @@ def decision_table(rows: list[dict], ratings: pd.DataFrame, sessions: dict[str, 
                         "session": sessions.get(r["pair_id"]) or None,  # written n/a (BIDS)
                         "risk_score": r.get("risk_score"), "expected_error_mm": r.get("expected_error_mm"),
                         "expected_error_upper_mm": r.get("expected_error_upper_mm"),
+                        **{k: r.get(k) for k in DEVIATION_KEYS},
                         "flag_reasons": ",".join(r.get("flag_reasons") or []), "rating": given,
                         "exclude": "true" if exclude else "false"})
     return pd.DataFrame(records, columns=list(DECISION_COLUMNS))
@@ -113,6 +116,11 @@ COLUMN_DESCRIPTIONS = {
                                          "n/a without a calibration", "Units": "mm"},
     "expected_error_upper_mm": {"Description": "upper bound of the expected error at the calibration's stated "
                                                "coverage (jackknife+); n/a without a calibration", "Units": "mm"},
+    "transform_deviation_mean_mm": {"Description": "for a pair given its registration as a transform file: mean "
+                                                   "distance over the evaluation region between it and the mean of "
+                                                   "the perturbed registrations; n/a otherwise", "Units": "mm"},
+    "transform_deviation_p95_mm": {"Description": "its 95th percentile (flag reason deviation above the run's "
+                                                  "deviation_mm)", "Units": "mm"},
     "flag_reasons": {"Description": "comma-separated reasons the pair is flagged: " + ", ".join(REASONS)},
     "rating": {"Description": "a person's rating from ratings.tsv", "Levels": {r: r for r in RATINGS}},
     "exclude": {"Description": "drop the pair: rated exclude, or flagged and not rated include",

@@ -25,7 +25,7 @@ from equiqc.storage.atomic import write_text_atomic
 from equiqc.storage.export import export_array
 
 BIDS_VERSION = "1.10.0"
-IGNORED = ("cohort.zarr/", "results.zarr/", "crash/", "run.json", "report.parquet", "subjects.parquet",
+IGNORED = ("cohort.zarr/", "results.zarr/", "crash/", "logs/", "run.json", "report.parquet", "subjects.parquet",
            "equiqc.log", "manifest.tsv", "ratings.tsv", ".equiqc-locks/", "report.html")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from equiqc.errors import UserError
+from equiqc.pipeline.transforms import itk_geometry
 
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = (".nii", ".nii.gz", ".h5")
 
 
@@ -45,23 +45,6 @@ def _sitk():
     return SimpleITK
 
 
-def displacement_lps(psi: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
-    """``(3, X, Y, Z)`` map (RAS+ source voxels, on the RAS+ target grid) -> ITK displacement ``(3, X, Y, Z)``,
-    LPS mm, still on the RAS+ target grid."""
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in psi.shape[1:]], indexing="ij")).astype(np.float64)
-    src = np.einsum("ij,j...->i...", source_affine[:3, :3], psi) + source_affine[:3, 3, None, None, None]
-    tgt = np.einsum("ij,j...->i...", target_affine[:3, :3], grid) + target_affine[:3, 3, None, None, None]
-    return np.einsum("ij,j...->i...", LPS_FROM_RAS, src - tgt)
-
-
-def sitk_geometry(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
-    """``(origin, spacing, direction)`` of ITK (LPS) for a NIfTI voxel-to-RAS ``affine`` (the file's axis order)."""
-    lps = LPS_FROM_RAS @ np.asarray(affine, np.float64)[:3]
-    spacing = np.linalg.norm(lps[:, :3], axis=0)
-    direction = lps[:, :3] / spacing
-    return tuple(lps[:, 3]), tuple(spacing), tuple(direction.ravel())
-
-
 def write_displacement_field(path: str | Path, field_lps: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``field_lps`` (``(X, Y, Z, 3)`` LPS mm, array axes of the file whose voxel-to-RAS affine is ``affine``)
     as an ITK displacement field: 5D NIfTI or ``.h5`` transform by the suffix of ``path`` (see module)."""
@@ -71,7 +54,7 @@ def write_displacement_field(path: str | Path, field_lps: np.ndarray, affine: np
     sitk = _sitk()
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(field_lps, (2, 1, 0, 3)), np.float64),
                                    isVector=True)  # SimpleITK arrays are (z, y, x, component)
-    origin, spacing, direction = sitk_geometry(affine)
+    origin, spacing, direction = itk_geometry(affine)
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(direction)

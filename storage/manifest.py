@@ -6,7 +6,9 @@ A CSV (``.csv``) or TSV (``.tsv``/``.txt``) file with a header row. Columns:
 * optional: ``pair_id``, ``source_mask``, ``target_mask``, ``source_labels``, ``target_labels``,
   ``ground_truth`` (a NIfTI of the true map ``phi_AB`` on the target grid, 3 components last: for each
   target-file voxel, the source file's own voxel index it maps to; ingest brings both to the RAS+ arrays.
-  Used by synthetic validation and the demo).
+  Used by synthetic validation and the demo), ``transform`` (a registration already made, as an ITK/ANTs
+  transform file from the source to the target: it becomes the pair's stored prediction, checked against the
+  perturbed registrations; :mod:`equiqc.storage.transform_files`).
 
 Relative paths resolve against the manifest's folder. A missing ``pair_id`` is derived from the subject
 and file names (stable across runs and machines). Problems with the manifest itself stop everything with
@@ -24,8 +26,9 @@ from equiqc.errors import UserError
 from equiqc.storage.atomic import atomic_path
 
 REQUIRED = ("subject_id", "source", "target")
-OPTIONAL = ("pair_id", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth")
-PATH_COLUMNS = ("source", "target", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth")
+OPTIONAL = ("pair_id", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth", "transform")
+PATH_COLUMNS = ("source", "target", "source_mask", "target_mask", "source_labels", "target_labels", "ground_truth",
+                "transform")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -32,6 +32,9 @@ runtime_s                   float64   wall time of the pair's estimation
 crash_file                  string    for a failed pair: DIR-relative path of its error and traceback
 true_error_mean_mm          float64   mean error of the unperturbed prediction vs ground truth (else null)
 tta_error_mean_mm           float64   same for the mean composed map (else null)
+transform_deviation_mean_mm float64   a given transform (manifest column transform): mean distance (mm) over the
+                                      region from the perturbed registrations' mean map (else null)
+transform_deviation_p95_mm  float64   its 95th percentile (reason ``deviation`` above ``deviation_mm``)
 ==========================  ========  =================================================================
 
 Extra columns (e.g. per-structure ``uncertainty_mean_mm_<label>``) are kept after these. Both files carry
@@ -49,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from equiqc.storage.atomic import atomic_path
+from equiqc.storage.atomic import atomic_path, write_text_atomic
 
 META_PREFIX = "equiqc."
 
@@ -63,6 +66,7 @@ SCHEMA: dict[str, str] = {
     "similarity_ncc": "float64", "n_samples": "Int64", "model": "string",
     "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64", "crash_file": "string",
     "true_error_mean_mm": "float64", "tta_error_mean_mm": "float64",
+    "transform_deviation_mean_mm": "float64", "transform_deviation_p95_mm": "float64",
 }
 
 
@@ -109,6 +113,15 @@ def write_crash_file(out_dir: str | Path, pair_id: str, error: str, traceback: s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"pair: {pair_id}\nerror: {error}\n\n{traceback or '(no traceback: the input was refused)'}\n")
     return str(path.relative_to(out_dir))
+
+
+PAIR_LOGS = "logs"
+
+
+def write_pair_log(out_dir: str | Path, pair_id: str, text: str) -> Path:
+    """``DIR/logs/<pair_id>.log``: what a model printed while it registered the pair (ANTs' console output),
+    replaced by each computation of the pair, atomically."""
+    return write_text_atomic(Path(out_dir) / PAIR_LOGS / f"{pair_id}.log", text)
 
 
 def read_metadata(path: str | Path) -> dict:

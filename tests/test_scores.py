@@ -138,7 +138,8 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
     assert main(["run", str(manifest), "--out", str(out), *args]) == 0
     decisions = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(decisions.columns) == ["pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
-                                       "expected_error_upper_mm", "flag_reasons", "rating", "exclude"]
+                                       "expected_error_upper_mm", "transform_deviation_mean_mm",
+                                       "transform_deviation_p95_mm", "flag_reasons", "rating", "exclude"]
     by_id = decisions.set_index("pair_id")
     empty = "sub-001_sub-001_to_atlas"
     assert by_id.loc[empty, "flag_reasons"] == "empty_region" and by_id.loc[empty, "exclude"] == "true"

@@ -28,7 +28,7 @@ NO_PAIR_COMPLETED = 3
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or TOML file with options (flags given here override it)")
-    p.add_argument("--model", help="default | affine-opt | unigradicon | multigradicon | torchscript:PATH | "
+    p.add_argument("--model", help="default | affine-opt | ants | unigradicon | multigradicon | torchscript:PATH | "
                                    "python:package.module:factory | an equiqc.backends entry point")
     p.add_argument("--weights", help="local weights file for the model (nothing is downloaded)")
     p.add_argument("--method", choices=METHODS)
@@ -65,6 +65,15 @@ def _model_declarations(p: argparse.ArgumentParser) -> None:
                    help="torchscript:/python: models: the anatomical direction of each array axis the network "
                         "expects, e.g. RAS (default: equiqc's RAS+ arrays), LIA (FreeSurfer), SAR (ITK arrays of "
                         "RAS-stored files)")
+    p.add_argument("--ants-preset", metavar="NAME", help="--model ants: SyN (default), any antspyx "
+                   "type_of_transform (SyNRA, antsRegistrationSyNQuick[s], Affine...), fmriprep or fmriprep-sloppy "
+                   "(fMRIPrep's T1w-to-template settings)")
+    p.add_argument("--ants-parameters", metavar="FILE", help="--model ants: a JSON/YAML parameter set in nipype "
+                   "Registration keys (e.g. a niworkflows settings file) instead of a preset")
+    p.add_argument("--ants-seed", metavar="N|none", help="--model ants: ANTs' random seed (default 1: "
+                   "bit-reproducible); none: unseeded (use --draws 2+ to measure ANTs' run-to-run scatter)")
+    p.add_argument("--ants-threads", type=int, metavar="N", help="--model ants: ITK threads per registration "
+                   "(default 1: reproducible; one worker per core does the rest)")
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -76,7 +85,23 @@ def _model_options(args: argparse.Namespace) -> dict:
         options["input_shape"] = list(args.input_shape)
     if getattr(args, "input_layout", None):
         options["layout"] = args.input_layout
+    if getattr(args, "ants_preset", None):
+        options["preset"] = args.ants_preset
+    if getattr(args, "ants_parameters", None):
+        options["parameters"] = str(Path(args.ants_parameters).resolve())
+    if getattr(args, "ants_seed", None) is not None:
+        unseeded = args.ants_seed.lower() in ("none", "null")
+        options["seed"] = None if unseeded else _integer("--ants-seed", args.ants_seed)
+    if getattr(args, "ants_threads", None) is not None:
+        options["threads"] = args.ants_threads
     return options
+
+
+def _integer(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not an integer (or none)") from None
 
 
 def _config(args: argparse.Namespace):

@@ -34,7 +34,10 @@ METHODS = ("equivariance", "mc-dropout")
 # or translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
 # everywhere in the demo) and their test-time mean is worse than the prediction; it does undo smooth local
 # perturbations (test-time mean = prediction), the family its equivariance covers (docs/validation.md).
-MODEL_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorphic"}}
+# ANTs: rigid perturbations reach ANTs exactly (as a change of the source's header, no resampling) and its
+# registrations are seeded; K = 8 (each perturbed registration is a whole ANTs run; docs/models/ants.md).
+MODEL_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorphic"},
+                                   "ants": {"perturbation": "rigid", "samples": 8}}
 CLUSTERS = ("local", "cuda", "slurm", "pbs")
 
 
@@ -77,6 +80,9 @@ class RunConfig:
     fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
+    deviation_mm: float = _opt(3.0, "a given transform (manifest column transform) whose 95th-percentile distance "
+                               "from the perturbed registrations' mean is above this (mm) is flagged 'deviation'",
+                               min=0)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
                       "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS))
@@ -99,7 +105,7 @@ class RunConfig:
 
         return DecisionRules(tolerance_mm=self.tolerance_mm, folding_threshold=self.folding_threshold,
                              noise_floor_mm=self.noise_floor_mm, fence_iqr=self.fence_iqr,
-                             fov_threshold=self.fov_threshold)
+                             fov_threshold=self.fov_threshold, deviation_mm=self.deviation_mm)
 
     def estimator_config(self):
         """The :class:`~equiqc.pipeline.estimator.EstimatorConfig` of this run (imports torch)."""

@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +56,15 @@ def get_backend(config: RunConfig):
         _BACKENDS[key] = load_backend(config.model, weights=config.weights, device=device,
                                       mc_dropout=config.method == "mc-dropout", **config.model_options)
     return _BACKENDS[key]
+
+
+def _keep_console(backend, results_root: str, pair_id: str) -> None:
+    """A model's console output for this pair (ANTs'), if it keeps one, into the run folder's pair log."""
+    console = getattr(backend, "console", None)
+    if console:
+        from equiqc.storage.report import write_pair_log
+
+        write_pair_log(Path(results_root).parent, pair_id, "\n".join(console))
 
 
 def ingest_task(spec: PairSpec, store: str, max_voxels: int | None) -> IngestOutcome:
@@ -139,8 +149,14 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         start = time.perf_counter()
         stored = stored or read_pair(cohort_store, outcome.pair_id)
         src, tgt = stored["source"], stored["target"]
-        result = estimate_uncertainty(get_backend(config), src.data, tgt.data, src.affine, tgt.affine,
-                                      config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id))
+        backend = get_backend(config)
+        given = stored["transform"].data if "transform" in stored else None  # a pipeline's own registration
+        try:
+            result = estimate_uncertainty(backend, src.data, tgt.data, src.affine, tgt.affine,
+                                          config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id),
+                                          prediction=given)
+        finally:
+            _keep_console(backend, results_root, outcome.pair_id)
         # a GPU worker summarises on its device while it holds it (a few ms there, seconds of CPU at 1 mm); its
         # write task then only writes
         summary = None if write else summarise(result, stored, config, worker_device())

@@ -1,6 +1,7 @@
 """One place where backends are found by name.
 
-Built in: ``default`` (the shipped network), ``affine-opt`` (classical affine baseline), ``unigradicon``,
+Built in: ``default`` (the shipped network), ``affine-opt`` (classical affine baseline), ``ants`` (ANTs
+registration, extra ``equiqc[ants]``), ``unigradicon``,
 ``multigradicon``, ``multipropreg`` (extra ``equiqc[multipropreg]``), ``torchscript:PATH`` and
 ``python:package.module:factory``. Other packages add backends without editing equiqc through the
 entry-point group ``equiqc.backends``: an entry point ``name = package.module:factory`` makes
@@ -52,6 +53,10 @@ def _builtin(name: str) -> Factory | None:
             return load_multipropreg(weights, device, mc_dropout)
 
         return multipropreg
+    if name == "ants":
+        from equiqc.pipeline.backends.ants import load_ants
+
+        return load_ants
     if name in ("unigradicon", "multigradicon"):
         from equiqc.pipeline.backends.icon import load_icon
 
@@ -69,7 +74,7 @@ def _no_options(name: str, options: dict) -> None:
 
 def available() -> list[str]:
     """Names usable with ``--model`` (besides the ``torchscript:`` and ``python:`` prefixes)."""
-    names = {"default", "affine-opt", "unigradicon", "multigradicon", "multipropreg", *_REGISTRY}
+    names = {"default", "affine-opt", "ants", "unigradicon", "multigradicon", "multipropreg", *_REGISTRY}
     names |= {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     return sorted(names)
 
