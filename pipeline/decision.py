@@ -21,7 +21,10 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
     (``fov_loss_fraction``: the registration had to invent that anatomy);
   - ``deviation``: the pair's registration was given (a pipeline's transform file, manifest column
     ``transform``) and lies far from what the method reproduces: ``transform_deviation_p95_mm`` (95th percentile
-    over the region of its distance from the perturbed registrations' mean) above ``deviation_mm``;
+    over the region of its distance from the perturbed registrations' mean) above both ``deviation_mm`` (a
+    difference that matters) and :data:`DEVIATION_SPREAD_FACTOR` times the pair's own ``uncertainty_p95_mm`` (a
+    transform the method reproduces lies within its spread: one more draw of the ensemble would be about one
+    spread from its mean);
   - ``similarity``: the correlation of the registered source with the target (``similarity_ncc``) is below the
     cohort's lower Tukey fence, ``Q1 - k IQR`` of the complete pairs' values, and at least
     ``min_similarity_drop`` below the cohort median (needs :data:`MIN_COHORT_FOR_OUTLIERS` pairs); a
@@ -43,6 +46,7 @@ import numpy as np
 REASONS = ("failed", "empty_region", "uncertainty", "outlier", "similarity", "folding", "fov", "deviation")
 # a given transform's distance from what the method reproduces (equiqc.pipeline.scores.transform_deviation)
 DEVIATION_KEYS = ("transform_deviation_mean_mm", "transform_deviation_p95_mm")
+DEVIATION_SPREAD_FACTOR = 3.0
 RISK_BOUND = 8.0
 MIN_COHORT_FOR_OUTLIERS = 5
 CONTEXT_METRIC = "uncertainty_p95_mm"
@@ -59,7 +63,7 @@ class DecisionRules:
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
     min_similarity_drop: float = 0.1
-    deviation_mm: float = 3.0
+    deviation_mm: float = 1.5
 
 
 def _finite(x) -> bool:
@@ -133,7 +137,8 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
             reasons.append("folding")
         if _finite(r.get("fov_loss_fraction")) and float(r["fov_loss_fraction"]) > rules.fov_threshold:
             reasons.append("fov")
-        if _finite(r.get(DEVIATION_KEYS[1])) and float(r[DEVIATION_KEYS[1]]) > rules.deviation_mm:
+        if _finite(r.get(DEVIATION_KEYS[1])) and float(r[DEVIATION_KEYS[1]]) > max(
+                rules.deviation_mm, DEVIATION_SPREAD_FACTOR * float(r.get(CONTEXT_METRIC, 0.0))):
             reasons.append("deviation")
         r.update(risk_score=float(score), cohort_percentile=float(pct), flag_reasons=reasons, flagged=bool(reasons))
     for r in rows:

@@ -57,6 +57,21 @@ CASES = [
     ("folding", [*normal(6), row("fold", fold=0.05)], DecisionRules(), {"fold": ["folding"]}),
     ("ties do not flag", [*[row(f"tie{i}", p95=2.0) for i in range(5)], *[row(f"tie2{i}", p95=2.2) for i in range(5)]],
      DecisionRules(), {}),
+    # a given transform: flagged when its p95 distance from the ensemble mean is above deviation_mm AND above three
+    # times the pair's own p95 spread (p95 = 2.0 here: 6 mm)
+    ("a given transform far from the ensemble", [*normal(6), row("far", transform_deviation_p95_mm=6.5)],
+     DecisionRules(deviation_mm=1.5), {"far": ["deviation"]}),
+    ("a given transform within three spreads is reproduced", [*normal(6), row("near", transform_deviation_p95_mm=5.9)],
+     DecisionRules(deviation_mm=1.5), {}),
+    ("a tiny spread does not make a small deviation matter",
+     [*[row(f"s{i}", mean=0.01, p95=0.02) for i in range(6)], row("small", mean=0.01, p95=0.02,
+                                                                 transform_deviation_p95_mm=1.4)],
+     DecisionRules(deviation_mm=1.5), {}),
+    ("over deviation_mm and the spread", [*[row(f"s{i}", mean=0.01, p95=0.02) for i in range(6)],
+                                          row("wrong", mean=0.01, p95=0.02, transform_deviation_p95_mm=1.6)],
+     DecisionRules(deviation_mm=1.5), {"wrong": ["deviation"]}),
+    ("no given transform: no deviation", [*normal(6), row("none", transform_deviation_p95_mm=np.nan)],
+     DecisionRules(deviation_mm=0.0), {}),
 ]
 
 

@@ -49,8 +49,6 @@ def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, 
                       shard: tuple[int, int] | None = None):
     """Compute the participants' pairs (or shard ``(I, N)`` of the dataset's pairs) and write their derivatives;
     returns the run's summary."""
-    from equiqc.workflows.run import run_cohort
-
     for role, path in (("--target", target), ("--target-mask", target_mask), ("--target-labels", target_labels)):
         if path is not None and not Path(path).is_file():
             raise BidsError(f"{role} {path}: file not found")
@@ -64,17 +62,28 @@ def participant_level(bids_dir: str | Path, out: str | Path, config: RunConfig, 
         row |= {"target_mask": str(Path(target_mask).resolve())} if target_mask else {}
         row |= {"target_labels": str(Path(target_labels).resolve())} if target_labels else {}
         rows.append(row)
-    if shard and participant_labels:
+    subjects = {i.subject_id for i in chosen} if participant_labels else None
+    return run_participants(rows, {i.stem: i for i in every}, out, config, target, space, bids_dir, argv, shard,
+                            subjects)
+
+
+def run_participants(rows: list[dict], images: dict[str, BidsImage], out: Path, config: RunConfig,
+                     target: str | Path, space: str, source_dataset: str | Path, argv: list[str] | None,
+                     shard: tuple[int, int] | None, subjects: set[str] | None):
+    """The participant level of a BIDS App over manifest ``rows`` (the whole dataset, so the group level sees every
+    pair): computes ``subjects``' pairs (None: all, or ``shard``'s) into ``out`` and writes each complete pair's
+    derivatives (``images``: pair id -> its source image); returns the run's summary."""
+    from equiqc.workflows.run import run_cohort
+
+    if shard and subjects is not None:
         raise BidsError("give --participant-label or --shard, not both (both split the dataset's pairs)")
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.tsv", rows)
     # labels: a lease per participant named (jobs per participant run side by side); no labels: the whole
     # dataset (or its shard) under one lease, and a whole run also writes the cohort decision
-    subjects = {i.subject_id for i in chosen} if participant_labels else None
     summary = run_cohort(out / "manifest.tsv", out, config, argv=argv, shard=shard, subjects=subjects)
-    by_pair = {i.stem: i for i in every}
     complete = [r["pair_id"] for r in summary.rows if r["status"] == "complete"]
-    write_derivatives(out, out, {p: by_pair[p] for p in complete}, config, target, space, bids_dir)
+    write_derivatives(out, out, {p: images[p] for p in complete}, config, target, space, source_dataset)
     LOGGER.info(f"participant level: {len(summary.rows)} image(s); derivatives in {out}")
     return summary
 

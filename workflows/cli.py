@@ -1,4 +1,4 @@
-"""The ``equiqc`` command line: ingest, run, report, export, demo, calibrate, bids, estimate,
+"""The ``equiqc`` command line: ingest, run, report, export, demo, calibrate, bids, fmriprep, estimate,
 options.
 
 Exit codes: 0 when a run completed with at least one complete pair (failed pairs are listed in the
@@ -104,15 +104,19 @@ def _integer(flag: str, text: str) -> int:
         raise UserError(f"{flag}: {text!r} is not an integer (or none)") from None
 
 
+def _flag_options(args: argparse.Namespace) -> dict:
+    """The run options given as flags (None where not given)."""
+    return dict(model=args.model, weights=args.weights, method=args.method, perturbation=args.perturbation,
+                samples=args.samples, batch_size=args.batch_size, seed=args.seed, cluster=args.cluster,
+                scheduler=args.scheduler, workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
+                tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None),
+                store=getattr(args, "store", None))
+
+
 def _config(args: argparse.Namespace):
     from equiqc.workflows.config import make_config
 
-    return make_config(args.config, model_options=_model_options(args), model=args.model, weights=args.weights,
-                       method=args.method, perturbation=args.perturbation, samples=args.samples,
-                       batch_size=args.batch_size, seed=args.seed, cluster=args.cluster, scheduler=args.scheduler,
-                       workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
-                       tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None),
-                       store=getattr(args, "store", None))
+    return make_config(args.config, model_options=_model_options(args), **_flag_options(args))
 
 
 def _print_run(summary) -> None:
@@ -259,6 +263,24 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     return _exit_code(summary)
 
 
+def _cmd_fmriprep(args: argparse.Namespace) -> int:
+    from equiqc.workflows.fmriprep import fmriprep_config_overrides, group_level, participant_level
+    from equiqc.workflows.run import parse_shard
+
+    if args.level == "group":
+        summary = group_level(args.out, tolerance_mm=args.tolerance_mm, ratings=args.ratings)
+    else:
+        overrides = fmriprep_config_overrides(args.sloppy, args.model, _model_options(args))
+        args.model = overrides["model"]
+        from equiqc.workflows.config import make_config
+
+        config = make_config(args.config, model_options=overrides["model_options"], **_flag_options(args))
+        summary = participant_level(args.fmriprep_dir, args.out, config, args.space, args.target, args.target_mask,
+                                    args.participant_label, argv=sys.argv, shard=parse_shard(args.shard))
+    _print_run(summary)
+    return _exit_code(summary)
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -372,6 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
                       "dataset's pairs (job arrays; instead of --participant-label)")
     _run_options(bids)
     bids.set_defaults(func=_cmd_bids)
+
+    fmp = sub.add_parser("fmriprep", help="BIDS App: QC of fMRIPrep/sMRIPrep's T1w-to-template normalisations (their "
+                         "xfm.h5 checked against perturbed replays of their ANTs registration); participant, then "
+                         "group level")
+    fmp.add_argument("fmriprep_dir", help="fMRIPrep's (or sMRIPrep's) output folder: sub-*/ and "
+                     "dataset_description.json")
+    fmp.add_argument("out", help="the derivatives folder (also an equiqc run folder)")
+    fmp.add_argument("level", choices=("participant", "group"))
+    fmp.add_argument("--space", default="MNI152NLin2009cAsym", help="the template space whose normalisation is "
+                     "checked: the <space> of from-T1w_to-<space>_mode-image_xfm.h5 (default MNI152NLin2009cAsym)")
+    fmp.add_argument("--target", help="the template's T1w image (default: tpl-<space>_res-02_T1w.nii.gz, else "
+                     "res-01, in a local TemplateFlow folder, $TEMPLATEFLOW_HOME or ~/.cache/templateflow; never "
+                     "downloaded)")
+    fmp.add_argument("--target-mask", help="the template's brain mask, the evaluation region (default: TemplateFlow's "
+                     "desc-brain_mask beside the default target)")
+    fmp.add_argument("--participant-label", nargs="+", help="participants to compute (default: all), with or "
+                     "without 'sub-'")
+    fmp.add_argument("--sloppy", action="store_true", help="replay fMRIPrep's --sloppy registration (preset "
+                     "fmriprep-sloppy) instead of its default one (fmriprep)")
+    fmp.add_argument("--ratings", help="group level: a ratings TSV merged into OUT/ratings.tsv (see equiqc report)")
+    fmp.add_argument("--shard", metavar="I/N", help="participant level: compute the I-th of N slices of the "
+                     "subjects (job arrays; instead of --participant-label)")
+    _run_options(fmp)
+    fmp.set_defaults(func=_cmd_fmriprep)
 
     est = sub.add_parser("estimate", help="uncertainty of one pair, in this process (no cluster)")
     est.add_argument("source", help="source image (.nii/.nii.gz)")

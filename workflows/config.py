@@ -80,9 +80,9 @@ class RunConfig:
     fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
-    deviation_mm: float = _opt(3.0, "a given transform (manifest column transform) whose 95th-percentile distance "
-                               "from the perturbed registrations' mean is above this (mm) is flagged 'deviation'",
-                               min=0)
+    deviation_mm: float = _opt(1.5, "a given transform (manifest column transform) whose 95th-percentile distance "
+                               "from the perturbed registrations' mean is above this (mm) and above 3x the pair's "
+                               "p95 spread is flagged 'deviation'", min=0)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
                       "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS))

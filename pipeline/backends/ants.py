@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,12 @@ from equiqc.pipeline.backends.base import PreparedPair, check_prediction
 Tensor = torch.Tensor
 DEFAULT_SEED = 1
 DEFAULT_PRESET = "SyN"
+# antspyx 0.6's ``type_of_transform`` names (its registration refuses others), checked before any pair runs
+ANTSPYX_PRESETS = ("SyN", "SyNRA", "SyNOnly", "SyNAggro", "SyNCC", "SyNabp", "SyNLessAggro", "SyNBold", "SyNBoldAff",
+                   "ElasticSyN", "Elastic", "TRSAA", "TVMSQ", "TVMSQC", *(f"TV[{i}]" for i in range(1, 9)), "Rigid",
+                   "Similarity", "Translation", "Affine", "AffineFast", "BOLDAffine", "QuickRigid", "DenseRigid",
+                   "BOLDRigid")
+_SYN_SCRIPTS = re.compile(r"antsRegistrationSyN(Quick)?(Repro)?\[(t|r|a|s|sr|so|b|br|bo)\]")
 THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 
 
@@ -89,10 +96,12 @@ class AntsRegistration:
             self.parameters: dict | None = ants_presets.read_parameter_file(parameters)
         elif preset in ants_presets.PARAMETER_SETS:
             self.parameters = ants_presets.PARAMETER_SETS[preset]
-        elif not isinstance(preset, str) or not preset:
-            raise ValueError(f"model ants: preset must be a name, got {preset!r}")
+        elif isinstance(preset, str) and (preset in ANTSPYX_PRESETS or _SYN_SCRIPTS.fullmatch(preset)):
+            self.parameters = None  # an antspyx type_of_transform
         else:
-            self.parameters = None  # an antspyx type_of_transform, checked by the first registration
+            raise ValueError(f"model ants: unknown preset {preset!r}; use fmriprep, fmriprep-sloppy, an antspyx "
+                             f"type_of_transform ({', '.join(ANTSPYX_PRESETS[:6])}, ..., antsRegistrationSyNQuick[s]) "
+                             "or model option parameters: FILE")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"model ants: seed must be an integer >= 0 or null (unseeded), got {seed!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
