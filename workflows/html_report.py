@@ -36,8 +36,11 @@ from equiqc.workflows.pair_figures import draw_in_process, figure_is_current, fi
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
 COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "uncertainty_mean_mm",
-           "uncertainty_p95_mm", "cohort_percentile", "frac_above_2mm", "folding_fraction", "true_error_mean_mm",
-           "runtime_s", "error", "crash_file"]
+           "uncertainty_p95_mm", "transform_deviation_p95_mm", "cohort_percentile", "frac_above_2mm",
+           "folding_fraction", "true_error_mean_mm", "runtime_s", "error", "crash_file"]
+
+SHOWN_WHEN_SET = ("transform_deviation_p95_mm", "true_error_mean_mm")  # columns of some runs only (given transforms,
+# ground truth): left out of the table when no pair has a value
 
 
 def _png_bytes(fig, **kwargs) -> bytes:
@@ -159,7 +162,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
     if beyond:
         sections.append(f"<p>{len(beyond)} more pairs to look at are not drawn (at most {max_figures} figures keep "
                         f"the report quick to make): {html.escape(', '.join(beyond))}</p>")
-    cols = [c for c in COLUMNS if c in frame.columns]
+    cols = [c for c in COLUMNS if c in frame.columns and (c not in SHOWN_WHEN_SET or frame[c].notna().any())]
     head = "".join(f"<th onclick='sortTable({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
     head += "<th>your rating</th><th>note</th>"
     body = _table_rows(frame, cols, drawn)

@@ -107,9 +107,7 @@ class AntsRegistration:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"model ants: threads must be an integer >= 1, got {threads!r}")
         self.preset, self.seed, self.threads = preset, seed, threads
-        self.device = torch.device(device)
-        if self.device.type != "cpu":
-            raise ValueError("model ants runs on the CPU (ANTs has no GPU code); its workers need no GPU")
+        self.device = torch.device("cpu")  # ANTs has no GPU code: on a GPU worker too, the estimate runs on the CPU
         self.stochastic = seed is None
         self.console: list[str] = []
         self._seed_now = seed
