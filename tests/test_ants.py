@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import tempfile
 
 # ITK (inside antspyx) reads its thread count once, at its first use in the process: antspyx's own registrations
 # here must run one thread, as the backend's do, to be comparable bit for bit
@@ -69,7 +71,9 @@ def test_map_warps_the_source_as_ants_does_on_flipped_and_oblique_headers(mni_pa
 def test_seeded_runs_are_bit_identical_and_unseeded_is_stochastic(mni_pair_4mm):
     src, tgt, affine, *_ = mni_pair_4mm
     seeded = AntsRegistration(preset="SyN")
+    before = set(pathlib.Path(tempfile.gettempdir()).glob("equiqc-ants-*"))
     first = seeded.register_arrays(src, affine, tgt, affine)
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("equiqc-ants-*")) == before  # ANTs' files removed
     assert np.array_equal(first, seeded.register_arrays(src, affine, tgt, affine))
     unseeded = AntsRegistration(seed=None)
     assert unseeded.stochastic and not seeded.stochastic
@@ -162,6 +166,20 @@ def test_bad_model_options_are_refused_up_front():
                              ({"parameters": "/nonexistent.json"}, "not found")):
         with pytest.raises(ValueError, match=message):
             load_backend("ants", **options)
+
+
+def test_a_bad_ants_option_stops_the_command_before_any_work(tmp_path, capsys):
+    from equiqc.workflows.cli import main
+
+    assert main(["estimate", str(tmp_path / "s.nii.gz"), str(tmp_path / "t.nii.gz"), "--model", "ants",
+                 "--ants-preset", "SyNN"]) == 2
+    assert "unknown preset 'SyNN'" in capsys.readouterr().err
+    assert main(["estimate", "s.nii.gz", "t.nii.gz", "--model", "ants", "--ants-seed", "one"]) == 2
+    assert "--ants-seed: 'one' is not an integer" in capsys.readouterr().err
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(ants_presets.FMRIPREP_SLOPPY))
+    backend = load_backend("ants", parameters=str(params))
+    assert backend.weights_path == str(params)  # its sha256 keys the run's results, like a model's weights
 
 
 # -- transform files --------------------------------------------------------------------------------------------

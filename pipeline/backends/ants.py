@@ -92,6 +92,8 @@ class AntsRegistration:
     def __init__(self, preset: str = DEFAULT_PRESET, parameters: str | None = None, seed: int | None = DEFAULT_SEED,
                  threads: int = 1, device: str | torch.device = "cpu"):
         self._ants = _import_ants()
+        # a parameter file is this model's "weights": its sha256 keys resume and provenance (base.py)
+        self.weights_path = parameters
         if parameters is not None:
             self.parameters: dict | None = ants_presets.read_parameter_file(parameters)
         elif preset in ants_presets.PARAMETER_SETS:
