@@ -8,21 +8,23 @@ the whole field, beside the three baselines that need no perturbation (validatio
 the risk score with the true mean error, seconds per registration; on the "both" pairs, K = 8 against K = 16
 (the change of std_mm and the voxel metrics).
 
-``--part cohort``: the demo's cohort (``--cohort-pairs`` pairs, 20 % injected failures: extreme deformation,
-large rotation, corrupted image, wrong image). Per pair, ANTs' own registration is written by antspyx as a
-composite ``.h5`` (what a pipeline leaves behind), and three wrong transform files beside it: another subject's,
-one from the source with a left-right flipped header (the array mirrored, the header kept), and a truncated
-registration (SyN stopped after five iterations at its coarsest level). Each file is read exactly as ``equiqc
-run`` reads the manifest's ``transform`` column (:func:`equiqc.storage.transform_files.read_transform_map`); the
-K perturbed registrations run once per pair with the own file as the prediction, and each file's deviation from
-their mean is measured (:func:`equiqc.pipeline.scores.transform_deviation`). The decision
-(:func:`equiqc.pipeline.decision.decide`) over the cohort given its own files: AUROC of the risk score for the
-injected failures and the reasons; then the fraction of pairs flagged ``deviation`` when every pair is given
-each kind of file.
+``--part cohort``: the demo's cohort (``--cohort-pairs`` pairs, ``--failure-fraction`` of them injected failures,
+the four kinds in turn: extreme deformation, large rotation, corrupted image, wrong image). Per pair, ANTs' own
+registration is written by antspyx as a composite ``.h5`` (what a pipeline leaves behind), and three wrong transform
+files beside it: another subject's, one from the source with a left-right flipped header (the array mirrored, the
+header kept), and a truncated registration (SyN stopped after five iterations at its coarsest level). Each file is
+read exactly as ``equiqc run`` reads the manifest's ``transform`` column
+(:func:`equiqc.storage.transform_files.read_transform_map`); the K perturbed registrations run once per pair with
+the own file as the prediction, and each file's deviation from their mean is measured
+(:func:`equiqc.pipeline.scores.transform_deviation`). The decision (:func:`equiqc.pipeline.decision.decide`) over
+the cohort given its own files: AUROC of the risk score for the injected failures and the reasons; then the fraction
+of pairs flagged ``deviation`` when every pair is given each kind of file.
 
     python benchmarks/ants_validation.py --part table --pairs 4 --samples 16 --out docs/models/ants
     python benchmarks/ants_validation.py --part cohort --cohort-pairs 10 --samples 8 --work /tmp/ants-cohort \
         --out docs/models/ants
+    python benchmarks/ants_validation.py --part cohort --cohort-pairs 8 --failure-fraction 0.5 --seed 1 \
+        --samples 8 --work /tmp/ants-cohort-failures --out docs/models/ants
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def cohort(args, start: float) -> dict:
     import ants
 
     work = Path(args.work)
-    demo = build_demo_cohort(work, pairs=args.cohort_pairs, seed=args.seed)
+    demo = build_demo_cohort(work, pairs=args.cohort_pairs, seed=args.seed, failure_fraction=args.failure_fraction)
     data = demo.manifest.parent
     target = load_volume(data / "atlas.nii.gz")
     brain = load_volume(data / "atlas_brain_mask.nii.gz").data > 0
@@ -196,6 +198,7 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", default=["rigid"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--cohort-pairs", type=int, default=10)
+    p.add_argument("--failure-fraction", type=float, default=0.2, help="cohort: injected failures (the demo's kinds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/equiqc-ants-cohort")
     p.add_argument("--out", default="docs/models/ants")
@@ -206,7 +209,7 @@ def main() -> None:
     result["elapsed_s"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_".join(args.kinds) if args.part == "table" else f"k{args.samples}"
+    suffix = "_".join(args.kinds) if args.part == "table" else f"k{args.samples}_fail{args.failure_fraction:g}"
     (out / f"{args.part}_{suffix}.json").write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({"done": str(out / f"{args.part}_{suffix}.json"), "elapsed_s": result["elapsed_s"]}))
 

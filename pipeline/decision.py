@@ -63,7 +63,7 @@ class DecisionRules:
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
     min_similarity_drop: float = 0.1
-    deviation_mm: float = 1.5
+    deviation_mm: float = 1.0
 
 
 def _finite(x) -> bool:

@@ -80,7 +80,9 @@ class RunConfig:
     fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
-    deviation_mm: float = _opt(1.5, "a given transform (manifest column transform) whose 95th-percentile distance "
+    # 1 mm: on the ANTs validation cohort (docs/models/ants.md) a pair's own transform file deviated 0.04-0.75 mm
+    # (p95), a truncated registration 1.29-3.93 mm, another subject's or a flipped header's 6.8-59 mm
+    deviation_mm: float = _opt(1.0, "a given transform (manifest column transform) whose 95th-percentile distance "
                                "from the perturbed registrations' mean is above this (mm) and above 3x the pair's "
                                "p95 spread is flagged 'deviation'", min=0)
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
