@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from equiqc.pipeline import transforms as T
@@ -122,6 +122,7 @@ def test_interpolated_composition_of_affine_maps_is_exact_inside(seed, d):
 
 
 @given(seed=st.integers(0, 2**31 - 1), d=st.sampled_from([2, 3]))
+@example(seed=2669782, d=3)  # 0.1215 voxel for a field of 0.81: past the former bound of 0.15 x the field
 @SETTINGS
 def test_diffeomorphism_composed_with_its_inverse_is_identity(seed, d):
     rng = np.random.default_rng(seed)
@@ -135,8 +136,9 @@ def test_diffeomorphism_composed_with_its_inverse_is_identity(seed, d):
     inner = slice(3, -3)
     err = (ident - T.identity_grid(shape, ident.dtype))[(slice(None), slice(None), *([inner] * d))]
     # Scaling and squaring with linear interpolation is accurate to about a tenth of the displacement
-    # for fields that vary over ~5 voxels (measured: 0.02-0.14 voxel for fields of 0.3-1.2 voxel).
-    assert err.abs().max() < 0.15 * v.abs().max()
+    # for fields that vary over ~5 voxels (measured: 0.02-0.14 voxel for fields of 0.3-1.2 voxel; over 600 random
+    # 3D fields the worst ratio was 0.163, so a bound of 0.15 failed about 4 % of CI runs of this test).
+    assert err.abs().max() < 0.2 * v.abs().max()
     assert (T.jacobian_determinant(fwd) > 0).all()
 
 
