@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiqc.errors import UserError
+from equiqc.errors import UserError, require
 from equiqc.pipeline.transforms import itk_geometry
 
 FORMATS = (".nii", ".nii.gz", ".h5")
@@ -37,12 +37,7 @@ class ExportError(UserError, ValueError):
 
 
 def _sitk():
-    try:
-        import SimpleITK
-    except ImportError:
-        raise ExportError("writing a displacement field ITK/ANTs/Slicer can apply needs SimpleITK: "
-                          "pip install 'equiqc[itk]' (or pip install SimpleITK)") from None
-    return SimpleITK
+    return require("SimpleITK", "itk", "writing a displacement field ITK/ANTs/Slicer can apply", error=ExportError)
 
 
 def write_displacement_field(path: str | Path, field_lps: np.ndarray, affine: np.ndarray) -> Path:

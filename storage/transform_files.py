@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from equiqc.errors import require
 from equiqc.pipeline.transforms import itk_geometry, map_from_displacement_lps
 from equiqc.storage.nifti import Volume, VolumeError
 
@@ -36,12 +37,7 @@ MIN_FIELD_COVERAGE = 0.9
 
 
 def _sitk():
-    try:
-        import SimpleITK
-    except ImportError:
-        raise VolumeError("reading a transform file (manifest column transform) needs SimpleITK: "
-                          "pip install 'equiqc[itk]' (or pip install SimpleITK)") from None
-    return SimpleITK
+    return require("SimpleITK", "itk", "reading a transform file (manifest column transform)", error=VolumeError)
 
 
 def _box(origin, spacing, direction, size) -> tuple[np.ndarray, np.ndarray]:

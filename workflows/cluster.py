@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from equiqc.errors import require
 from equiqc.workflows.config import ConfigError, RunConfig
 
 GPU_RESOURCE = {"GPU": 1}
@@ -157,10 +158,7 @@ def cluster_kwargs(config: RunConfig) -> tuple[str, dict]:
 
 
 def _jobqueue_class(kind: str):
-    try:
-        import dask_jobqueue
-    except ImportError as exc:
-        raise ConfigError(f"--cluster {kind} needs dask-jobqueue: pip install 'equiqc[cluster]'") from exc
+    dask_jobqueue = require("dask_jobqueue", "cluster", f"--cluster {kind}", error=ConfigError)
     return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from equiqc.errors import require
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.backends import ants_presets
 from equiqc.pipeline.backends.base import PreparedPair, check_prediction
@@ -59,11 +60,7 @@ THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 
 
 def _import_ants():
-    try:
-        import ants
-    except ImportError:
-        raise ImportError("model ants needs antspyx: pip install 'equiqc[ants]' (or pip install antspyx)") from None
-    return ants
+    return require("ants", "ants", "model ants (the antspyx package)")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from equiqc.errors import require
 from equiqc.pipeline.backends.conventions import OutputConvention
 from equiqc.pipeline.backends.module import ModuleBackend
 
@@ -75,10 +76,7 @@ class IconNet(nn.Module):
 
 def build_network(input_shape: Sequence[int] = ICON_SHAPE) -> nn.Module:
     """The uniGradICON/multiGradICON architecture (both are the same network) with random weights."""
-    try:
-        import unigradicon
-    except ImportError as exc:
-        raise ImportError(f"the uniGradICON backend needs the unigradicon package: {INSTALL}") from exc
+    unigradicon = require("unigradicon", None, "model unigradicon/multigradicon", install=INSTALL)
     return unigradicon.make_network([1, 1, *input_shape], include_last_step=True)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from equiqc.errors import require
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.backends.module import enable_mc_dropout
 
@@ -49,13 +50,9 @@ NET_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, -1.0, 0.0))
 
 
 def package_dir() -> Path:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import MultiPropReg
-    except ImportError as exc:
-        raise ImportError("the multipropreg backend needs the MultiPropReg package: "
-                          "pip install 'equiqc[multipropreg]'") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MultiPropReg = require("MultiPropReg", "multipropreg", "model multipropreg")  # noqa: N806 (the package)
     return Path(list(MultiPropReg.__path__)[0])  # a namespace package: __file__ is None
 
 
