@@ -202,9 +202,7 @@ def sample_perturbations(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     if config.is_affine:
         linear, translation = world_linear_parts(config, k, d, gen)
-        c = T.grid_centre_mm(shape, a)
-        world = T.matrix_from_parts(linear, translation + c - (linear @ c))
-        return Perturbations(config.kind, shape, matrices=T.voxel_matrix_from_world(world, a))
+        return Perturbations(config.kind, shape, matrices=T.about_grid_centre(linear, translation, shape, a))
     spacing = torch.linalg.norm(a[:d, :d], dim=0)  # mm per voxel along each array axis
     extent = spacing * torch.tensor([n - 1 for n in shape], dtype=torch.float64)
     coarse = [max(3, int(math.ceil(float(e) / config.control_spacing_mm)) + 1) for e in extent]

@@ -280,6 +280,20 @@ def voxel_matrix_from_world(world: Tensor, affine: Tensor) -> Tensor:
     return invert_affine(a) @ world @ a
 
 
+def world_about_centre(linear: Tensor, translation: Tensor, centre: Tensor) -> Tensor:
+    """Homogeneous matrices (mm) of the world transforms ``x -> L (x - c) + c + t``: the linear parts ``L``
+    (``(D, D)`` or ``(B, D, D)``) act about the point ``c`` (mm), then the translations ``t`` (``(D,)`` or ``(B, D)``).
+    """
+    return matrix_from_parts(linear, translation + centre - linear @ centre)
+
+
+def about_grid_centre(linear: Tensor, translation: Tensor, shape: Sequence[int], affine: Tensor) -> Tensor:
+    """:func:`world_about_centre` about the centre of a grid (:func:`grid_centre_mm`), expressed in that grid's voxel
+    coordinates (:func:`voxel_matrix_from_world`): how equiqc moves an image "about its centre" by a transform
+    given in mm (perturbations, the demo's subjects, training pairs)."""
+    return voxel_matrix_from_world(world_about_centre(linear, translation, grid_centre_mm(shape, affine)), affine)
+
+
 def grid_centre_mm(shape: Sequence[int], affine: Tensor) -> Tensor:
     """World coordinates (mm) of the centre of a grid, ``affine @ (shape - 1) / 2``."""
     c = torch.tensor([(n - 1) / 2 for n in shape] + [1.0], dtype=affine.dtype, device=affine.device)

@@ -27,9 +27,8 @@ def moved_pair():
     src = blobs()
     rot = rotation_matrices(torch.deg2rad(torch.tensor([[0.0, 0.0, 4.0]], dtype=torch.float64)), 3)[0]
     a = torch.as_tensor(AFFINE)
-    c = T.grid_centre_mm(SHAPE, a)
-    world = T.matrix_from_parts(rot, c - rot @ c + torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64))
-    phi = T.affine_map(T.voxel_matrix_from_world(world, a), SHAPE, torch.float64)
+    moved = T.about_grid_centre(rot, torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64), SHAPE, a)
+    phi = T.affine_map(moved, SHAPE, torch.float64)
     tgt = T.warp(torch.as_tensor(src)[None, None], phi.float())[0, 0].numpy()
     return src, tgt, phi
 

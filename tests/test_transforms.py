@@ -158,12 +158,18 @@ def test_world_to_voxel_matrix_of_a_world_rotation_about_the_centre_fixes_the_ce
     rng = np.random.default_rng(1)
     a = world_affine(rng, 3)
     shape = (11, 13, 9)
-    c = T.grid_centre_mm(shape, a)
     rot = rotation_matrices(torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64), 3)[0]
-    world = T.matrix_from_parts(rot, c - rot @ c)
-    vox = T.voxel_matrix_from_world(world, a)
+    vox = T.about_grid_centre(rot, torch.zeros(3, dtype=torch.float64), shape, a)
     centre_vox = torch.tensor([(n - 1) / 2 for n in shape] + [1.0], dtype=torch.float64)
     assert torch.allclose(vox @ centre_vox, centre_vox, atol=1e-9)
+    # with a translation t (mm) the centre moves by t in the world, and the world transform is L (x - c) + c + t
+    t = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+    moved = T.about_grid_centre(rot, t, shape, a)
+    c = T.grid_centre_mm(shape, a)
+    assert torch.allclose((a @ moved @ centre_vox)[:3], c + t, atol=1e-9)
+    x = torch.tensor([3.0, -1.0, 2.0, 1.0], dtype=torch.float64)  # a world point
+    world = a @ moved @ torch.linalg.inv(a)
+    assert torch.allclose((world @ x)[:3], rot @ (x[:3] - c) + c + t, atol=1e-9)
 
 
 def test_jacobian_determinant_of_a_scaling_and_a_fold():

@@ -85,9 +85,7 @@ def _subject_map(shape, affine, gen, rot_deg=4.0, shift_mm=4.0, scale=0.04, vel_
         deg = torch.zeros(1, 3, dtype=torch.float64)
         deg[0, axis_rot[0]] = axis_rot[1]
     lin = rotation_matrices(torch.deg2rad(deg), 3)[0] @ torch.diag(1 + u(3) * scale)
-    c = T.grid_centre_mm(shape, a)
-    world = T.matrix_from_parts(lin, c - lin @ c + u(3) * shift_mm)
-    m = T.voxel_matrix_from_world(world, a)
+    m = T.about_grid_centre(lin, u(3) * shift_mm, shape, a)
     spacing = torch.linalg.norm(a[:3, :3], dim=0).float()
     coarse = torch.randn(1, 3, 7, 8, 7, generator=gen) * (vel_mm / spacing).view(1, 3, 1, 1, 1)
     v = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
@@ -104,9 +102,8 @@ def rigidly_moved(data: np.ndarray, affine: np.ndarray, degrees=(3.0, -2.0, 4.0)
     """
     a = torch.as_tensor(affine, dtype=torch.float64)
     rot = rotation_matrices(torch.deg2rad(torch.tensor([degrees], dtype=torch.float64)), 3)[0]
-    c = T.grid_centre_mm(data.shape, a)
-    world = T.matrix_from_parts(rot, c - rot @ c + torch.tensor(shift_mm, dtype=torch.float64))
-    phi = T.affine_map(T.voxel_matrix_from_world(world, a), data.shape, torch.float64)
+    m = T.about_grid_centre(rot, torch.tensor(shift_mm, dtype=torch.float64), data.shape, a)
+    phi = T.affine_map(m, data.shape, torch.float64)
     moved = T.warp(torch.as_tensor(data, dtype=torch.float32)[None, None], phi.float())[0, 0].numpy()
     return moved, phi[0].numpy()
 

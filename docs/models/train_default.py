@@ -59,11 +59,8 @@ def network_matrices(rot: torch.Tensor, shift_mm: torch.Tensor, spacing: np.ndar
                      scale: torch.Tensor | None = None) -> torch.Tensor:
     """Homogeneous matrices (k,4,4) in network voxels of physical rotations (k,3,3), then scalings (k,3,3) if
     given, about the grid centre, followed by translations (k,3) in mm."""
-    sp = torch.as_tensor(spacing, dtype=torch.float64)
-    lin = torch.diag(1 / sp) @ rot
-    lin = (lin if scale is None else lin @ scale) @ torch.diag(sp)
-    c = torch.tensor([(n - 1) / 2 for n in NET_SHAPE], dtype=torch.float64)
-    return T.matrix_from_parts(lin, c - lin @ c + shift_mm / sp)
+    grid = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))  # network voxels -> mm
+    return T.about_grid_centre(rot if scale is None else rot @ scale, shift_mm, NET_SHAPE, grid)
 
 
 def random_maps(k: int, gen: torch.Generator, device, spacing: np.ndarray):

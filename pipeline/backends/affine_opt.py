@@ -59,7 +59,7 @@ class AffineOptimisation:
 
         def voxel_matrix(level: int) -> Tensor:
             # voxels of the level grid (blocks of `level` target voxels) -> full-resolution source voxels
-            world = T.matrix_from_parts(eye + linear, shift + centre - (eye + linear) @ centre)
+            world = T.world_about_centre(eye + linear, shift, centre)
             down = T.matrix_from_parts(eye * level, torch.full((d,), (level - 1) / 2, device=source.device))
             return torch.linalg.inv(a_src) @ world @ a_tgt @ down
 
