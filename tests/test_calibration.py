@@ -29,7 +29,7 @@ from equiqc.storage.calibration import (
     write_calibration,
 )
 from equiqc.storage.nifti import save_volume
-from equiqc.workflows.calibrate import choose_calibration
+from equiqc.workflows.calibration_choice import choose_calibration
 from equiqc.workflows.cli import main
 from equiqc.workflows.config import ConfigError, RunConfig, make_config
 from equiqc.workflows.provenance import probe_model

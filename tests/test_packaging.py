@@ -167,3 +167,40 @@ def test_layers_import_one_way_and_only_through_the_namespace():
                 if isinstance(node, ast.Import):
                     for alias in node.names:
                         assert alias.name.split(".")[0] not in {"pipeline", "storage", "workflows"}, path
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """``equiqc.*`` module -> the ``equiqc.*`` modules it imports anywhere (top level or inside functions)."""
+    modules = {}
+    for folder in ("pipeline", "storage", "workflows"):
+        for path in (ROOT / folder).rglob("*.py"):
+            name = "equiqc." + ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            targets |= {f for f in found if f in modules and f != name}
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    """Not even through imports inside functions (the run once imported the calibration choice from the calibrate
+    command, which imported the run back)."""
+    graph, state = _module_graph(), {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])

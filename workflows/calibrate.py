@@ -1,4 +1,4 @@
-"""``equiqc calibrate``, and the choice of the calibration a run uses.
+"""``equiqc calibrate``: fit a model's spread -> expected error mapping on a synthetic cohort.
 
 Calibrating a model (``equiqc calibrate --model M --out calib.json``):
 
@@ -13,84 +13,24 @@ Calibrating a model (``equiqc calibrate --model M --out calib.json``):
 4. measure the bound's coverage on the held-out pairs and write everything into the calibration file
    (:mod:`equiqc.storage.calibration`).
 
-A run's calibration (:func:`choose_calibration`): ``--calibration FILE`` (its setting must equal the run's, else
-one error before any work), else the calibration shipped for the model when its setting is the run's, else
-none: the expected-error columns stay empty and the report says why.
+Which calibration a run uses is :mod:`equiqc.workflows.calibration_choice` (this module runs a cohort, so the
+run imports the choice from there, not from here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import equiqc
 from equiqc.pipeline.calibration import FEATURE, TARGET, Calibration, coverage_interval, fit_calibration
-from equiqc.storage.calibration import read_calibration, shipped_calibration_path, write_calibration
-from equiqc.storage.results import differing_keys
+from equiqc.storage.calibration import write_calibration
+from equiqc.workflows.calibration_choice import NO_CALIBRATION
 from equiqc.workflows.config import ConfigError, RunConfig
 from equiqc.workflows.logs import LOGGER
-
-NO_CALIBRATION = "none"
-
-
-@dataclass(frozen=True)
-class CalibrationChoice:
-    """The calibration a run uses (or None), where it came from, and one line saying so for the report."""
-
-    calibration: Calibration | None
-    source: str | None
-    summary: str
-
-    def to_record(self) -> dict:
-        """What run.json keeps, so ``equiqc report`` applies the same mapping without the file."""
-        return {"source": self.source, "summary": self.summary,
-                "calibration": self.calibration.to_dict() if self.calibration else None}
-
-    @classmethod
-    def from_record(cls, record: dict) -> CalibrationChoice:
-        mapping = record.get("calibration")
-        return cls(Calibration.from_dict(mapping) if mapping else None, record.get("source"), record["summary"])
-
-
-def _chosen(record: dict, source: str) -> CalibrationChoice:
-    """The choice of a calibration file's mapping, with the line report.html shows about it."""
-    held = record.get("held_out") or {}
-    cal = record["calibration"]
-    coverage = (f"; held-out coverage {held['covered']}/{held['n']}" if held.get("n") else "")
-    return CalibrationChoice(Calibration.from_dict(cal), source,
-                             f"{source}: expected_error_upper_mm is a {cal['coverage']:.0%} upper bound (jackknife+, "
-                             f"{len(cal['loo'])} calibration pairs{coverage})")
-
-
-def choose_calibration(config: RunConfig) -> CalibrationChoice:
-    """The run's calibration (see module docstring). ``config`` must carry the weights' checksum (set by the model
-    probe). ConfigError when a given file does not match the run's setting."""
-    setting = config.calibration_setting()
-    if config.calibration == NO_CALIBRATION:
-        return CalibrationChoice(None, None, "none: switched off (calibration: none)")
-    if config.calibration:
-        record = read_calibration(config.calibration)
-        diff = sorted(differing_keys(record["setting"], setting))
-        if diff:
-            raise ConfigError(f"--calibration {config.calibration}: made for another setting (differs in: "
-                              f"{', '.join(diff)}); calibrate this setting with `equiqc calibrate` and the run's "
-                              "options, or leave --calibration out")
-        return _chosen(record, str(Path(config.calibration).resolve()))
-    shipped = shipped_calibration_path(config.model)
-    if shipped is None:
-        return CalibrationChoice(None, None, f"none: no calibration ships for model {config.model!r}; make one with "
-                                 "`equiqc calibrate` and pass --calibration (expected-error columns are empty)")
-    record = read_calibration(shipped)
-    diff = sorted(differing_keys(record["setting"], setting))
-    if diff:
-        return CalibrationChoice(None, None, f"none: the calibration shipped for {config.model!r} is for another "
-                                 f"setting (this run differs in: {', '.join(diff)}); make one with `equiqc "
-                                 "calibrate` and pass --calibration (expected-error columns are empty)")
-    return _chosen(record, f"shipped:{config.model}")
 
 
 def held_out_check(calibration: Calibration, rows: list[dict]) -> dict:

@@ -41,7 +41,7 @@ from equiqc.storage.locks import Lease, participant_scope, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
 from equiqc.storage.results import LEVEL_KEY, RECOMPUTE_KEYS, differing_keys
-from equiqc.workflows.calibrate import CalibrationChoice, choose_calibration
+from equiqc.workflows.calibration_choice import CalibrationChoice, choose_calibration
 from equiqc.workflows.cluster import GPU_RESOURCE, ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
