@@ -33,14 +33,17 @@ unless overwriting is asked for, so results of different configurations are neve
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
 from equiqc.errors import UserError
-from equiqc.pipeline.estimator import UncertaintyResult
 from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
+
+if TYPE_CHECKING:  # writing takes an estimate; reading results (open_pair) must not import torch
+    from equiqc.pipeline.estimator import UncertaintyResult
 
 MARKER = "equiqc_complete"
 AXES = ("x", "y", "z")

@@ -204,3 +204,10 @@ def test_no_import_cycle_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+def test_reading_results_does_not_import_torch():
+    code = ("import sys; import equiqc.storage.results, equiqc.storage.report, equiqc.storage.decisions; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
