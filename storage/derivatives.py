@@ -23,9 +23,10 @@ from pathlib import Path
 import equiqc
 from equiqc.storage.atomic import write_text_atomic
 from equiqc.storage.export import export_array
+from equiqc.storage.run_folder import COHORT, RESULTS, RUN_RECORD
 
 BIDS_VERSION = "1.10.0"
-IGNORED = ("cohort.zarr/", "results.zarr/", "crash/", "logs/", "run.json", "report.parquet", "subjects.parquet",
+IGNORED = (f"{COHORT}/", f"{RESULTS}/", "crash/", "logs/", RUN_RECORD, "report.parquet", "subjects.parquet",
            "equiqc.log", "manifest.tsv", "ratings.tsv", ".equiqc-locks/", "report.html")
 
 

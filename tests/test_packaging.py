@@ -211,3 +211,13 @@ def test_reading_results_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_only_storage_names_the_run_folders_stores_and_record():
+    """storage/run_folder.py owns the names: no module outside storage/ spells them (nor reads run.json itself)."""
+    names = {"run.json", "results.zarr", "cohort.zarr"}
+    for folder in ("pipeline", "workflows"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    assert node.value.strip("/") not in names, (path, node.value)

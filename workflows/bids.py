@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path
 
+from equiqc.storage import run_folder as RF
 from equiqc.storage.bids import BidsError, BidsImage, discover, image_from_name, select_participants
 from equiqc.storage.derivatives import pair_files, write_dataset_description, write_pair_derivatives
 from equiqc.storage.manifest import write_manifest
@@ -101,7 +102,7 @@ def write_derivatives(run_dir: str | Path, out: str | Path, images: dict[str, Bi
     for pair_id, image in images.items():
         files = pair_files(out, image.stem, image.subject_id, image.session, space, image.suffix)
         source = Path(os.path.relpath(image.path, source_dataset)).as_posix()
-        written += write_pair_derivatives(out, run_dir / "results.zarr", run_dir / "cohort.zarr", pair_id, files,
+        written += write_pair_derivatives(out, RF.results_store(run_dir), RF.cohort_store(run_dir), pair_id, files,
                                           {**about, "Sources": [f"bids:raw:{source}"]})
     return written
 
@@ -109,15 +110,11 @@ def write_derivatives(run_dir: str | Path, out: str | Path, images: dict[str, Bi
 def export_derivatives(run_dir: str | Path, out: str | Path, pair_ids: list[str]) -> list[Path]:
     """``equiqc export --layout bids``: a manifest-mode run's pairs as BIDS derivatives under ``out``; entities come
     from the source file names (``sub-01_ses-2_T1w.nii.gz``) or the manifest's subject id."""
-    import json
-
     from equiqc.storage.manifest import read_manifest
     from equiqc.workflows.config import config_from_record
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise BidsError(f"{run_dir} has no run.json; it is not an equiqc run folder")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = RF.read_run_record(run_dir, "export needs a folder `equiqc run` wrote")
     specs = {s.pair_id: s for s in read_manifest(info["manifest"])}
     unknown = [p for p in pair_ids if p not in specs]
     if unknown:
@@ -142,6 +139,6 @@ def group_level(out: str | Path, tolerance_mm: float | None = None, ratings: str
     from equiqc.workflows.run import rebuild_report
 
     out = Path(out)
-    if not (out / "dataset_description.json").is_file() or not (out / "run.json").is_file():
+    if not (out / "dataset_description.json").is_file() or not RF.has_run_record(out):
         raise BidsError(f"{out}: no participant-level results; run `equiqc bids BIDS_DIR {out} participant` first")
     return rebuild_report(out, tolerance_mm=tolerance_mm, ratings=ratings)

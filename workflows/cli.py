@@ -188,8 +188,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from equiqc.storage.export import MAPS, export_array
     from equiqc.storage.results import complete_pairs
+    from equiqc.storage.run_folder import cohort_store, results_store
 
-    results, out = Path(args.dir) / "results.zarr", Path(args.to)
+    results, out = results_store(args.dir), Path(args.to)
     pairs = complete_pairs(results) if args.all else args.pair
     if args.layout == "bids":
         from equiqc.workflows.bids import export_derivatives
@@ -200,7 +201,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for pair in pairs:
         for name in args.arrays.split(","):
             file = f"{pair}_{name}_xfm.{args.transform_format}" if name in MAPS else f"{pair}_{name}.nii.gz"
-            print(export_array(results, Path(args.dir) / "cohort.zarr", pair, name, out / file))
+            print(export_array(results, cohort_store(args.dir), pair, name, out / file))
     return 0
 
 

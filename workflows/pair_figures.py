@@ -29,6 +29,7 @@ from equiqc.pipeline import transforms as T
 from equiqc.storage.atomic import write_bytes_atomic
 from equiqc.storage.cohort import read_pair
 from equiqc.storage.results import ResultNotFound, read_array
+from equiqc.storage.run_folder import cohort_store, results_store
 
 FIGURES = "figures"  # DIR/figures/<pair_id>.png
 
@@ -168,7 +169,7 @@ def figure_path(pair_id: str) -> str:
 def figure_is_current(out_dir: Path, pair_id: str) -> bool:
     """Whether the pair's figure exists and is newer than its stored result (the result's ``zarr.json``, rewritten
     with every completion marker)."""
-    figure, result = out_dir / figure_path(pair_id), out_dir / "results.zarr" / pair_id / "zarr.json"
+    figure, result = out_dir / figure_path(pair_id), results_store(out_dir) / pair_id / "zarr.json"
     try:
         return figure.stat().st_mtime_ns >= result.stat().st_mtime_ns
     except FileNotFoundError:
@@ -180,7 +181,7 @@ def draw_pair_figure(out_dir: str | Path, pair_id: str) -> str | None:
     missing volume must not cost the rest of the report). Runs on a worker or in the client."""
     out_dir = Path(out_dir)
     try:
-        png = pair_figure(out_dir / "results.zarr", out_dir / "cohort.zarr", pair_id)
+        png = pair_figure(results_store(out_dir), cohort_store(out_dir), pair_id)
         write_bytes_atomic(out_dir / figure_path(pair_id), png)
         return None
     except Exception as exc:

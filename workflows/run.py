@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import re
 import time
 import traceback
@@ -36,7 +35,7 @@ from distributed import as_completed
 
 from equiqc.pipeline.calibration import apply_calibration
 from equiqc.pipeline.decision import decide
-from equiqc.storage.atomic import write_text_atomic
+from equiqc.storage import run_folder as RF
 from equiqc.storage.locks import Lease, participant_scope, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
 from equiqc.storage.report import write_report
@@ -101,10 +100,9 @@ def check_previous_run(out_dir: Path, config: RunConfig, log=LOGGER.info) -> Non
     """Refuse to mix results of another configuration into ``out_dir`` unless overwriting. A previous run of the
     same configuration whose weights file or numerics changed is not refused: its pairs are stale and are
     recomputed (said in the log)."""
-    previous = out_dir / "run.json"
-    if not previous.exists() or config.overwrite:
+    if not RF.has_run_record(out_dir) or config.overwrite:
         return
-    old = json.loads(previous.read_text()).get("result_key")
+    old = RF.read_run_record(out_dir).get("result_key")
     if old is None:
         return
     diff = differing_keys(old, config.result_key()) - {LEVEL_KEY}  # another level: decided pair by pair
@@ -114,10 +112,6 @@ def check_previous_run(out_dir: Path, config: RunConfig, log=LOGGER.info) -> Non
                           "to replace them")
     if diff:
         log(f"equiqc: {out_dir} was computed with other {' and '.join(sorted(diff))}; every pair is recomputed")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -185,7 +179,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
             record = {"manifest": str(Path(manifest).resolve()), "config": config.to_dict(),
                       "result_key": config.result_key(), "provenance": provenance,
                       "calibration": calibration.to_record()}
-            _write_json_atomic(out_dir / "run.json", record)
+            RF.write_run_record(out_dir, record)
             if handle.dashboard:
                 log(f"Dask dashboard: {handle.dashboard}")
             rows = _execute(specs, out_dir, config, handle)
@@ -194,7 +188,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
             computed = sum(1 for r in rows if r.pop("_computed", False))
             partial = shard is not None or subjects is not None
             provenance["finished"] = now_utc()
-            _write_json_atomic(out_dir / "run.json", record)
+            RF.write_run_record(out_dir, record)
             report = html_path = None
             if not partial:  # the whole cohort: decide, and draw the report's figures on the cluster's workers
                 report, html_path = _finish(rows, specs, out_dir, config, provenance, calibration, log,
@@ -272,8 +266,8 @@ def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
         except OSError:
             unreadable.append(spec.pair_id)
             continue
-        stored = pair_status(out_dir / "cohort.zarr", spec.pair_id) if (out_dir / "cohort.zarr").exists() else {}
-        if stored.get("input_hash") == input_hash and R.status(out_dir / "results.zarr", spec.pair_id, key,
+        stored = pair_status(RF.cohort_store(out_dir), spec.pair_id) if RF.cohort_store(out_dir).exists() else {}
+        if stored.get("input_hash") == input_hash and R.status(RF.results_store(out_dir), spec.pair_id, key,
                                                                 input_hash) == "complete":
             complete.append(spec.pair_id)
     todo = len(specs) - len(complete)
@@ -298,7 +292,7 @@ def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
 
 def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: ClusterHandle) -> list[dict]:
     client = handle.client
-    store, results = str(out_dir / "cohort.zarr"), str(out_dir / "results.zarr")
+    store, results = str(RF.cohort_store(out_dir)), str(RF.results_store(out_dir))
     from equiqc.storage.cohort import open_cohort
     from equiqc.storage.results import open_results
 
@@ -383,8 +377,8 @@ def _died(spec: PairSpec, outcome) -> dict:
 def rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
                    ratings: str | Path | None = None) -> RunSummary:
     """See :func:`_rebuild_report`; logs into the run folder's equiqc.log."""
-    if not (Path(out_dir) / "run.json").exists():
-        return _rebuild_report(out_dir, tolerance_mm, ratings)  # raises the ConfigError that explains
+    if not RF.has_run_record(out_dir):
+        return _rebuild_report(out_dir, tolerance_mm, ratings)  # raises the error that explains
     with log_to_folder(out_dir):
         return _rebuild_report(out_dir, tolerance_mm, ratings)
 
@@ -402,16 +396,13 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
     from equiqc.workflows.tasks import base_row, row_from_marker
 
     out_dir = Path(out_dir)
-    run = out_dir / "run.json"
-    if not run.exists():
-        raise ConfigError(f"{out_dir} has no run.json; it is not an equiqc run folder (run `equiqc run` first)")
-    info = json.loads(run.read_text())
+    info = RF.read_run_record(out_dir)
     config = config_from_record(info["config"])
     specs = read_manifest(info["manifest"])
     if tolerance_mm is not None:
         config = dataclasses.replace(config, tolerance_mm=tolerance_mm)  # validated like every option
         info["config"] = config.to_dict()
-        _write_json_atomic(run, info)
+        RF.write_run_record(out_dir, info)
     if ratings is not None:
         from equiqc.storage.decisions import merge_ratings, read_ratings
 
@@ -420,13 +411,13 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
     start = time.perf_counter()
     rows = []
     for spec in specs:
-        attrs = pair_status(out_dir / "cohort.zarr", spec.pair_id)
+        attrs = pair_status(RF.cohort_store(out_dir), spec.pair_id)
         outcome = IngestOutcome(spec.pair_id, "failed" if attrs.get("status") == "failed" else "ingested",
                                 attrs.get("error"), attrs.get("input_hash"))
         row, failure = None, None
         if attrs.get("status") == "ok":
-            row = row_from_marker(outcome, spec.subject_id, str(out_dir / "results.zarr"), config)
-            failure = R.read_failure(out_dir / "results.zarr", spec.pair_id, config.result_key(), outcome.input_hash)
+            row = row_from_marker(outcome, spec.subject_id, str(RF.results_store(out_dir)), config)
+            failure = R.read_failure(RF.results_store(out_dir), spec.pair_id, config.result_key(), outcome.input_hash)
         if row is None:
             error = attrs.get("error") if attrs.get("status") == "failed" else failure["error"] if failure else (
                 "no complete result; run `equiqc run` again to compute it")

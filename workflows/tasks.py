@@ -64,7 +64,7 @@ def _keep_console(backend, results_root: str, pair_id: str) -> None:
     if console:
         from equiqc.storage.report import write_pair_log
 
-        write_pair_log(Path(results_root).parent, pair_id, "\n".join(console))
+        write_pair_log(Path(results_root).parent, pair_id, "\n".join(console))  # results_root: DIR/results.zarr
 
 
 def ingest_task(spec: PairSpec, store: str, max_voxels: int | None) -> IngestOutcome:
