@@ -25,6 +25,7 @@ of pairs flagged ``deviation`` when every pair is given each kind of file.
         --out docs/models/ants
     python benchmarks/ants_validation.py --part cohort --cohort-pairs 8 --failure-fraction 0.5 --seed 1 \
         --samples 8 --work /tmp/ants-cohort-failures --out docs/models/ants
+    python benchmarks/ants_validation.py --summarise docs/models/ants/cohort_*.json
 """
 
 from __future__ import annotations
@@ -190,9 +191,26 @@ def cohort(args, start: float) -> dict:
     return out
 
 
+def summarise(path: Path) -> dict:
+    """A cohort result re-decided with this equiqc's rules: per kind of transform file, the fraction of pairs flagged
+    'deviation' (:func:`equiqc.pipeline.decision.decide` on each pair's spread and that file's deviation)."""
+    saved = json.loads(path.read_text())
+    out = {}
+    for kind, values in saved["deviation"].items():
+        rows = [{"status": "complete", "n_region_voxels": 1, "folding_fraction": 0.0,
+                 "uncertainty_mean_mm": pair["uncertainty_mean_mm"], "uncertainty_p95_mm": pair["uncertainty_p95_mm"],
+                 "transform_deviation_p95_mm": p95}
+                for pair, p95 in zip(saved["pairs_detail"], values["p95_mm_each"], strict=True)]
+        decide(rows, DecisionRules())
+        out[kind] = {"flagged_deviation": sum("deviation" in r["flag_reasons"] for r in rows), "pairs": len(rows),
+                     "p95_mm_min_max": [min(values["p95_mm_each"]), max(values["p95_mm_each"])]}
+    return {"file": str(path), "deviation_mm": DecisionRules().deviation_mm, "kinds": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("table", "cohort"), required=True)
+    p.add_argument("--part", choices=("table", "cohort"))
+    p.add_argument("--summarise", nargs="+", type=Path, help="re-decide saved cohort results with today's rules")
     p.add_argument("--pairs", type=int, default=4, help="table: pairs per ground-truth type")
     p.add_argument("--gt", nargs="+", choices=list(GT_TYPES), default=list(GT_TYPES))
     p.add_argument("--kinds", nargs="+", default=["rigid"])
@@ -203,6 +221,12 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/equiqc-ants-cohort")
     p.add_argument("--out", default="docs/models/ants")
     args = p.parse_args()
+    if args.summarise:
+        for path in args.summarise:
+            print(json.dumps(summarise(path)))
+        return
+    if args.part is None:
+        p.error("give --part table|cohort, or --summarise FILE")
     start = time.perf_counter()
     result = {"args": vars(args)}
     result.update(table(args, start) if args.part == "table" else cohort(args, start))
