@@ -308,6 +308,7 @@ def test_run_ants_cohort_with_given_transforms(tmp_path, capsys):
     warped, _ = _ants_warped(subjects[1][0], affine, data, affine, type_of_transform="SyN")
     assert _corr(_warp(subjects[1][0], none), warped, mask > 0) > 0.999  # antspyx's own result, same seed
     assert "transform_deviation_p95_mm" in (out / "decisions.tsv").read_text()
+    assert ">transform_deviation_p95_mm</th>" in (out / "report.html").read_text()  # shown: a pair has one
     assert len((out / "logs" / "own.log").read_text()) > 1000  # ANTs' console output, not on the terminal
     assert "Stage" not in capsys.readouterr().out
 

@@ -68,6 +68,7 @@ def test_report_html_is_complete_and_its_figures_are_files(run_dir):
     assert "missing.nii.gz: file not found" in page  # failed pair with its reason
     assert "data:image/png;base64," in page and "src='http" not in page and 'src="http' not in page
     assert "uncertainty vs true error" in page and "std_mm (mm)" not in page[:200]
+    assert ">true_error_mean_mm</th>" in page and ">transform_deviation_p95_mm</th>" not in page  # no pair has one
     for name in ("csf", "gm", "wm"):
         assert f"<td>{name}</td>" in page  # per-structure mean uncertainty
     shown = json.loads(html.unescape(re.search(r'data-shown="([^"]*)"', page).group(1)))
