@@ -43,6 +43,7 @@ from equiqc.pipeline.backends import base as B
 from equiqc.pipeline.backends.base import RegistrationBackend
 from equiqc.pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
 
+__all__ = ["EstimatorConfig", "UncertaintyResult", "estimate_uncertainty", "min_valid_samples", "mc_dropout_config"]
 Tensor = torch.Tensor
 
 

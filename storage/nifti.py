@@ -16,6 +16,8 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 
 from equiqc.errors import UserError
 
+__all__ = ["Volume", "VolumeError", "load_volume", "save_volume", "save_on_original_grid"]
+
 
 class VolumeError(UserError, ValueError):
     """A volume that cannot be used, with a message naming the file and what to do."""

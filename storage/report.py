@@ -53,6 +53,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from equiqc.storage.atomic import atomic_path, write_text_atomic
+from equiqc.storage.run_folder import NotARunFolder
+
+__all__ = ["read_report", "read_metadata", "write_report", "SCHEMA"]
 
 META_PREFIX = "equiqc."
 
@@ -131,10 +134,22 @@ def read_metadata(path: str | Path) -> dict:
             if k.decode().startswith(META_PREFIX)}
 
 
+REPORT = "report.parquet"
+
+
+def read_report(out_dir: str | Path) -> pd.DataFrame:
+    """A run folder's ``report.parquet`` (one row per pair, the schema above; its provenance:
+    :func:`read_metadata`)."""
+    path = Path(out_dir) / REPORT
+    if not path.is_file():
+        raise NotARunFolder(f"{out_dir} has no {REPORT} (run `equiqc run` or `equiqc report` on it first)")
+    return pd.read_parquet(path)
+
+
 def write_report(rows: list[dict], out_dir: str | Path, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write ``report.parquet`` and ``subjects.parquet`` in ``out_dir`` (both carrying ``metadata``, e.g. the
     run's provenance, see :func:`read_metadata`); returns both paths."""
     frame = build_frame(rows)
     out_dir = Path(out_dir)
-    return (write_parquet_atomic(frame, out_dir / "report.parquet", metadata),
+    return (write_parquet_atomic(frame, out_dir / REPORT, metadata),
             write_parquet_atomic(subject_table(frame), out_dir / "subjects.parquet", metadata))

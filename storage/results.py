@@ -42,6 +42,8 @@ from equiqc.errors import UserError
 from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
+__all__ = ["open_pair", "open_cohort_results", "read_array", "complete_pairs", "ResultNotFound", "write_result"]
+
 if TYPE_CHECKING:  # writing takes an estimate; reading results (open_pair) must not import torch
     from equiqc.pipeline.estimator import UncertaintyResult
 

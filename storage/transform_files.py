@@ -29,6 +29,8 @@ from equiqc.errors import require
 from equiqc.pipeline.transforms import itk_geometry, map_from_displacement_lps
 from equiqc.storage.nifti import Volume, VolumeError
 
+__all__ = ["read_transform_map", "SUFFIXES"]
+
 SUFFIXES = (".h5", ".hdf5", ".mat", ".txt", ".tfm", ".nii", ".nii.gz")
 # a transform must send at least this fraction of the target grid into the source image (voxel centres)
 MIN_INSIDE_FRACTION = 0.5

@@ -221,3 +221,17 @@ def test_only_storage_names_the_run_folders_stores_and_record():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str):
                     assert node.value.strip("/") not in names, (path, node.value)
+
+
+def test_the_public_api_is_importable_from_the_package_and_lazy():
+    code = ("import sys, equiqc; light = 'torch' not in sys.modules and 'distributed' not in sys.modules; "
+            "missing = [n for n in equiqc.__all__ if getattr(equiqc, n, None) is None]; print(light, missing)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "True []"
+    from equiqc import estimate_uncertainty, open_pair
+    from equiqc.pipeline.estimator import estimate_uncertainty as defined
+    from equiqc.storage.results import open_pair as opener
+
+    assert estimate_uncertainty is defined and open_pair is opener
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        equiqc.nope  # noqa: B018

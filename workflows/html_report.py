@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 
 from equiqc.storage.atomic import write_text_atomic  # noqa: E402
 from equiqc.storage.decisions import RATINGS  # noqa: E402
+from equiqc.storage.report import read_report  # noqa: E402
 from equiqc.workflows.pair_figures import draw_in_process, figure_is_current, figure_path  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
@@ -134,7 +135,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
     yet drawn (or older than their result) are drawn by ``draw(out_dir, pair_ids) -> {pair_id: error or None}``:
     in this process by default; a run passes one that maps them over its cluster."""
     out_dir = Path(out_dir)
-    frame = pd.read_parquet(out_dir / "report.parquet")
+    frame = read_report(out_dir)
     frame = frame.sort_values("risk_score", ascending=False, na_position="first")
     done = frame[frame.status == "complete"]
     chosen = list(dict.fromkeys(list(done[done.flagged].pair_id) + list(done.pair_id[:top_n])))

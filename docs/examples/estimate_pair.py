@@ -19,11 +19,9 @@ import numpy as np
 import torch
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
-from equiqc.pipeline.backends.affine_opt import AffineOptimisation
-from equiqc.pipeline.estimator import EstimatorConfig, estimate_uncertainty
-from equiqc.pipeline.perturbations import PerturbationConfig
+from equiqc import EstimatorConfig, PerturbationConfig, estimate_uncertainty, load_backend, load_volume
 from equiqc.pipeline.scores import map_error_mm
-from equiqc.storage.nifti import load_volume, save_volume
+from equiqc.storage.nifti import save_volume
 from equiqc.workflows.demo import rigidly_moved
 
 
@@ -51,7 +49,7 @@ def main() -> None:
 
     config = EstimatorConfig(samples=args.samples, batch_size=4, perturbation=PerturbationConfig(kind="rigid"))
     start = time.perf_counter()
-    result = estimate_uncertainty(AffineOptimisation(), source.data, target.data, source.affine, target.affine,
+    result = estimate_uncertainty(load_backend("affine-opt"), source.data, target.data, source.affine, target.affine,
                                   config, seed=0)
     elapsed = time.perf_counter() - start
     err_mm = map_error_mm(result.prediction_map, true_map, source.affine)

@@ -17,6 +17,8 @@ from importlib.metadata import entry_points
 
 from equiqc.pipeline.backends.base import RegistrationBackend
 
+__all__ = ["load_backend", "register_backend", "available", "ENTRY_POINT_GROUP"]
+
 Factory = Callable[..., RegistrationBackend]
 _REGISTRY: dict[str, Factory] = {}
 ENTRY_POINT_GROUP = "equiqc.backends"
