@@ -3,6 +3,7 @@ conventions, and provenance in every output (run.json, Parquet metadata, report.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -281,3 +282,38 @@ def test_failed_pairs_leave_crash_files_and_the_run_a_log(tmp_path, monkeypatch,
     assert "sub-000_sub-000_to_atlas: failed (RuntimeError" in log and "run of 3 pairs" in log
     assert len(err.splitlines()) < 15  # a warning per failed pair and the summary, no line per stage
     assert "crash/sub-000_sub-000_to_atlas.txt" in (out / "report.html").read_text()
+
+
+def test_an_option_is_declared_once_and_reaches_every_command_and_the_schema(tmp_path):
+    """Each flag of a config option comes from its one declaration (workflows/config.py): every command of its
+    group has it with the declared type, choices and no default of its own; the config file takes it;
+    ``equiqc options`` lists it; ``equiqc estimate`` and ``equiqc run`` share the defaults."""
+    import dataclasses
+
+    from equiqc.workflows.cli import build_parser
+    from equiqc.workflows.config import ESTIMATE, RUN, RunConfig, cli_options, load_config_file, options_help
+
+    parser = build_parser()
+    commands = {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                for name, sub in action.choices.items()}
+    groups = {RUN: ("run", "demo", "calibrate", "bids", "fmriprep"), ESTIMATE: ("estimate",)}
+    declared = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for group, names in groups.items():
+        options = cli_options(group)
+        assert options
+        for command in names:
+            flags = {a.dest: a for a in commands[command]._actions}
+            for name, base, _, meta in options:
+                action = flags[name]
+                assert action.option_strings == ["--" + name.replace("_", "-")], (command, name)
+                assert action.default is None and meta["help"] in action.help, (command, name)
+                assert (action.type is base) or (base is bool and action.const is True), (command, name)
+                assert action.choices == meta.get("choices"), (command, name)
+    for name, *_ in cli_options(RUN) + cli_options(ESTIMATE):
+        assert name in options_help() and not declared[name].metadata.get("internal")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"{name.replace('_', '-')}: null\n")
+        assert name in load_config_file(path)
+    run = parser.parse_args(["run", "m.csv", "--out", "o"])
+    estimate = parser.parse_args(["estimate", "s.nii.gz", "t.nii.gz"])
+    assert run.samples is None and estimate.samples is None  # both: the option's (or the model's) default

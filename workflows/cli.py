@@ -19,39 +19,31 @@ from pathlib import Path
 
 import equiqc
 from equiqc.errors import UserError
-from equiqc.pipeline.perturbation_config import KINDS
-from equiqc.storage.levels import STORE_LEVELS
-from equiqc.workflows.config import CLUSTERS, METHODS
+from equiqc.workflows.config import ESTIMATE, RUN, cli_options
 
 NO_PAIR_COMPLETED = 3
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or TOML file with options (flags given here override it)")
-    p.add_argument("--model", help="default | affine-opt | ants | unigradicon | multigradicon | torchscript:PATH | "
-                                   "python:package.module:factory | an equiqc.backends entry point")
-    p.add_argument("--weights", help="local weights file for the model (nothing is downloaded)")
-    p.add_argument("--method", choices=METHODS)
-    p.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
-    p.add_argument("--samples", type=int, help="K perturbations (or MC-dropout samples) per pair (default 16)")
-    p.add_argument("--batch-size", type=int, help="samples per model call (default: 1 on a CPU; on a GPU as many "
-                   "as memory allows)")
-    p.add_argument("--seed", type=int, help="run seed; each pair's generator is seeded by (seed, pair id)")
-    p.add_argument("--cluster", choices=CLUSTERS, help="local (default), cuda, slurm or pbs")
-    p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
-    p.add_argument("--workers", type=int, help="worker processes (local: default one per core), GPUs or jobs")
-    p.add_argument("--max-voxels", type=int, help="refuse volumes larger than this (memory guard)")
-    p.add_argument("--tolerance-mm", type=float, help="registration error (mm) a pair may have: above it the pair is "
-                   "flagged with reason 'uncertainty' (default 3)")
-    p.add_argument("--store", choices=tuple(STORE_LEVELS), help="what results.zarr keeps per pair: "
-                   "minimal (std_mm, n_valid), standard (default; adds the prediction for export and figures), full "
-                   "(every array, for research)")
-    p.add_argument("--calibration", help="calibration file from `equiqc calibrate` (expected error in mm and its "
-                   "upper bound); default: the one shipped for the model when the setting matches; 'none': no "
-                   "calibration")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace results of another configuration in the output folder")
+    _config_flags(p, RUN)
     _model_declarations(p)
+
+
+def _config_flags(p: argparse.ArgumentParser, group: str) -> None:
+    """A flag for every option of ``group`` (workflows/config.py declares them: name, type, default, choices, help);
+    no flag has a default of its own (None: the config file's value, else the option's default)."""
+    for name, base, default, meta in cli_options(group):
+        shown = meta.get("default_text") or (f"default {default}" if default is not None and default is not False
+                                             else None)
+        kwargs: dict = {"default": None, "help": meta["help"] + (f" ({shown})" if shown else "")}
+        if base is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = base
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _model_declarations(p: argparse.ArgumentParser) -> None:
@@ -105,12 +97,8 @@ def _integer(flag: str, text: str) -> int:
 
 
 def _flag_options(args: argparse.Namespace) -> dict:
-    """The run options given as flags (None where not given)."""
-    return dict(model=args.model, weights=args.weights, method=args.method, perturbation=args.perturbation,
-                samples=args.samples, batch_size=args.batch_size, seed=args.seed, cluster=args.cluster,
-                scheduler=args.scheduler, workers=args.workers, max_voxels=args.max_voxels, overwrite=args.overwrite,
-                tolerance_mm=args.tolerance_mm, calibration=getattr(args, "calibration", None),
-                store=getattr(args, "store", None))
+    """The config options given as flags (None where not given: the config file's value or the default applies)."""
+    return {name: getattr(args, name, None) for name, *_ in cli_options(RUN) + cli_options(ESTIMATE)}
 
 
 def _config(args: argparse.Namespace):
@@ -291,9 +279,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from equiqc.workflows.config import make_config
     from equiqc.workflows.provenance import probe_model
 
-    config = make_config(model_options=_model_options(args), model=args.model, weights=args.weights,
-                         perturbation=args.perturbation, samples=args.samples, batch_size=args.batch_size,
-                         seed=args.seed)  # the model's default perturbation, else rigid
+    config = make_config(model_options=_model_options(args), **_flag_options(args))  # the run's defaults
     probe_model(config)  # one clear error for an unknown model or missing weights
     source, target = load_volume(args.source), load_volume(args.target)
     backend = load_backend(config.model, weights=config.weights, **config.model_options)
@@ -423,13 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimate", help="uncertainty of one pair, in this process (no cluster)")
     est.add_argument("source", help="source image (.nii/.nii.gz)")
     est.add_argument("target", help="target image (.nii/.nii.gz)")
-    est.add_argument("--model", default="default")
-    est.add_argument("--weights")
-    est.add_argument("--samples", type=int, default=8, help="K perturbations (default 8)")
-    est.add_argument("--batch-size", type=int, default=None, help="perturbations per model call (default: 1 on a "
-                     "CPU; on a GPU as many as memory allows)")
-    est.add_argument("--perturbation", choices=KINDS, help="default: the model's (rigid for most models)")
-    est.add_argument("--seed", type=int, default=0)
+    _config_flags(est, ESTIMATE)
     est.add_argument("--out", help="write the std_mm map to this NIfTI file")
     _model_declarations(est)
     est.set_defaults(func=_cmd_estimate)

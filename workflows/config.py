@@ -29,6 +29,11 @@ from equiqc.pipeline.perturbation_config import KINDS, PerturbationConfig
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
 METHODS = ("equivariance", "mc-dropout")
+# The command-line groups an option belongs to (field metadata ``cli``): RUN is every command that runs a cohort
+# (run, demo, calibrate, bids, fmriprep), ESTIMATE the one-pair ``equiqc estimate``. workflows/cli.py makes each
+# option's flag from its field here (name, type, default, choices, help): declare an option once, below.
+RUN, ESTIMATE = "run", "estimate"
+BOTH = (RUN, ESTIMATE)
 # Defaults that depend on the model, applied before the config file and flags (which override them).
 # MultiPropReg recovers only part of a rigid motion (it was trained on affinely pre-aligned brains), so rigid
 # or translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
@@ -46,35 +51,42 @@ class ConfigError(UserError, ValueError):
 
 
 def _opt(default, help: str, **rules):
-    """A config field: its default, a one-line meaning, and validation rules (choices, min, max, internal)."""
+    """A config field: its default, a one-line meaning, and validation rules (choices, min, max, internal) and the
+    command-line groups that take it as a flag (``cli``; :func:`cli_options`)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
     return field(**factory, metadata={"help": help, **rules})
 
 
 @dataclass
 class RunConfig:
-    model: str = _opt("default", "backend name, torchscript:PATH or python:package.module:factory")
-    weights: str | None = _opt(None, "local weights file for the model (nothing is downloaded)")
-    method: str = _opt("equivariance", "equivariance or mc-dropout", choices=METHODS)
-    perturbation: str = _opt("rigid", "perturbation family", choices=KINDS)
+    model: str = _opt("default", "default | affine-opt | ants | unigradicon | multigradicon | multipropreg | "
+                      "torchscript:PATH | python:package.module:factory | an equiqc.backends entry point", cli=BOTH)
+    weights: str | None = _opt(None, "local weights file for the model (nothing is downloaded)", cli=BOTH)
+    method: str = _opt("equivariance", "equivariance or mc-dropout", choices=METHODS, cli=(RUN,))
+    perturbation: str = _opt("rigid", "perturbation family", choices=KINDS, cli=BOTH,
+                             default_text="default: the model's, rigid for most models")
     perturbation_options: dict = _opt(dict, "PerturbationConfig magnitudes (mm, degrees)")
     model_options: dict = _opt(dict, "keyword arguments of the backend factory (convention, input_shape...)")
-    samples: int = _opt(16, "K perturbations (or MC-dropout samples) per pair", min=1)
-    batch_size: int | None = _opt(None, "samples per model call (default: 1 on a CPU, where it is fastest per "
-                                  "sample; on a GPU as many as memory allows, up to 64)", min=1)
-    draws: int = _opt(1, "predictions per perturbation (stochastic models only)", min=1)
-    seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0)
-    cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS)
-    scheduler: str | None = _opt(None, "address of an existing Dask scheduler (tcp://host:port)")
-    workers: int | None = _opt(None, "worker processes (local), GPUs (cuda) or jobs (slurm/pbs)", min=1)
+    samples: int = _opt(16, "K perturbations (or MC-dropout samples) per pair", min=1, cli=BOTH,
+                        default_text="default: the model's, 16 for most models")
+    batch_size: int | None = _opt(None, "samples per model call", min=1, cli=BOTH,
+                                  default_text="default: 1 on a CPU, where it is fastest per sample; on a GPU as "
+                                  "many as memory allows, up to 64")
+    draws: int = _opt(1, "predictions per perturbation (stochastic models only)", min=1, cli=BOTH)
+    seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0, cli=BOTH)
+    cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS, cli=(RUN,))
+    scheduler: str | None = _opt(None, "address of an existing Dask scheduler (tcp://host:port)", cli=(RUN,))
+    workers: int | None = _opt(None, "worker processes (local), GPUs (cuda) or jobs (slurm/pbs)", min=1, cli=(RUN,),
+                               default_text="default: one per core or GPU")
     cluster_options: dict = _opt(dict, "dask-jobqueue / dask-cuda / LocalCluster keyword arguments")
     gpus_per_worker: int | None = _opt(None, "slurm/pbs: GPUs each job requests; its worker runs one thread and "
                                        "advertises GPU=1 (equiqc uses one GPU per worker)", choices=(1,))
     dashboard_address: str = _opt("127.0.0.1:0", "where the Dask dashboard of a cluster started here listens")
-    max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1)
+    max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1, cli=(RUN,))
     retries: int = _opt(2, "times a task lost with its worker is retried", min=0)
-    overwrite: bool = _opt(False, "replace results of another configuration in the output folder")
-    tolerance_mm: float = _opt(3.0, "registration error (mm) a pair may have: above it, reason 'uncertainty'", min=0)
+    overwrite: bool = _opt(False, "replace results of another configuration in the output folder", cli=(RUN,))
+    tolerance_mm: float = _opt(3.0, "registration error (mm) a pair may have: above it, reason 'uncertainty'", min=0,
+                               cli=(RUN,))
     folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
     noise_floor_mm: float = _opt(0.1, "added to the p95 spread before the cohort's log-scale context", min=0.001)
     fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
@@ -84,13 +96,14 @@ class RunConfig:
     # (p95), a truncated registration 1.29-3.93 mm, another subject's or a flipped header's 6.8-59 mm
     deviation_mm: float = _opt(1.0, "a given transform (manifest column transform) whose 95th-percentile distance "
                                "from the perturbed registrations' mean is above this (mm) and above 3x the pair's "
-                               "p95 spread is flagged 'deviation'", min=0)
+                               "p95 spread is flagged 'deviation'", min=0, cli=(RUN,))
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
-                      "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS))
+                      "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS),
+                      cli=(RUN,))
     calibration: str | None = _opt(None, "calibration file (equiqc calibrate) giving expected_error_mm and its upper "
                                    "bound; default: the one shipped for the model when the setting matches; "
-                                   "'none': no calibration")
+                                   "'none': no calibration", cli=(RUN,))
     # Filled by the run from the model it loaded, never by the user: the weights' checksum keys resume.
     weights_sha256: str | None = _opt(None, "sha256 of the model's weights file (set by the run)", internal=True)
 
@@ -210,6 +223,19 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("options samples x draws must be at least 2 to estimate a spread")
     if config.method == "mc-dropout" and config.draws > 1:
         raise ConfigError("option draws: MC-dropout already draws one prediction per sample; leave draws at 1")
+
+
+def cli_options(group: str) -> list[tuple[str, type, object, dict]]:
+    """The options the command-line group ``group`` (:data:`RUN`, :data:`ESTIMATE`) takes as flags:
+    ``(name, base type, default, metadata)`` per option, in declaration order (workflows/cli.py builds the flags)."""
+    hints = _hints()
+    out = []
+    for f in fields(RunConfig):
+        if group in f.metadata.get("cli", ()):
+            base = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            out.append((f.name, base, default, dict(f.metadata)))
+    return out
 
 
 def options_help() -> str:
