@@ -220,7 +220,7 @@ class AntsRegistration:
             fixed, moving = (ants.iMath_truncate_intensity(im, low, high) for im in (fixed, moving))
         initial = None
         if params.get("initializer"):
-            init = {**ants_presets._INITIALIZER, **params["initializer"]}
+            init = {**ants_presets.INITIALIZER_DEFAULTS, **params["initializer"]}
             initial = ants.affine_initializer(fixed, moving, search_factor=init["search_factor"],
                                               radian_fraction=init["radian_fraction"],
                                               use_principal_axis=bool(init["principal_axes"]),
@@ -233,12 +233,11 @@ class AntsRegistration:
         return [str(p) for p in written if p.exists()]
 
 
-def _orthogonal_columns(linear: np.ndarray, tol: float = 1e-9) -> bool:
+def _orthogonal_columns(linear: np.ndarray, atol: float = 1e-6) -> bool:
     """Whether a voxel-to-world linear part is a rotation (or reflection) times per-axis spacings: what an ITK
     image's geometry can hold."""
-    spacing = np.linalg.norm(linear, axis=0)
-    direction = linear / spacing
-    return bool(np.allclose(direction.T @ direction, np.eye(3), atol=tol * 1e3))
+    direction = linear / np.linalg.norm(linear, axis=0)
+    return bool(np.allclose(direction.T @ direction, np.eye(3), atol=atol))
 
 
 def _image(ants, array: np.ndarray, affine: np.ndarray):

@@ -33,7 +33,8 @@ import yaml
 
 from equiqc.errors import UserError
 
-_INITIALIZER = {"search_factor": 15.0, "radian_fraction": 0.1, "principal_axes": False, "local_search": 10}
+# antsAffineInitializer as nipype runs it by default (niworkflows keeps these): degrees, arc fraction, iterations
+INITIALIZER_DEFAULTS = {"search_factor": 15.0, "radian_fraction": 0.1, "principal_axes": False, "local_search": 10}
 
 FMRIPREP: dict = {
     "transforms": ["Rigid", "Affine", "SyN"],
@@ -53,7 +54,7 @@ FMRIPREP: dict = {
     "winsorize_lower_quantile": 0.005,
     "winsorize_upper_quantile": 0.995,
     "truncate_intensity": [0.01, 0.999],
-    "initializer": _INITIALIZER,
+    "initializer": INITIALIZER_DEFAULTS,
 }
 
 FMRIPREP_SLOPPY: dict = {
@@ -74,7 +75,7 @@ FMRIPREP_SLOPPY: dict = {
     "winsorize_lower_quantile": 0.005,
     "winsorize_upper_quantile": 0.995,
     "truncate_intensity": [0.01, 0.999],
-    "initializer": _INITIALIZER,
+    "initializer": INITIALIZER_DEFAULTS,
 }
 
 PARAMETER_SETS: dict[str, dict] = {"fmriprep": FMRIPREP, "fmriprep-sloppy": FMRIPREP_SLOPPY}
