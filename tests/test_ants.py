@@ -78,6 +78,11 @@ def test_seeded_runs_are_bit_identical_and_unseeded_is_stochastic(mni_pair_4mm, 
     assert unseeded.stochastic and not seeded.stochastic
     with unseeded.deterministic():  # its prediction: the seeded run
         assert np.array_equal(first, unseeded.register_arrays(src, affine, tgt, affine))
+    # unseeded, two draws per perturbation: ANTs' own run-to-run scatter is the intrinsic part of the spread
+    config = EstimatorConfig(samples=2, draws=2, batch_size=2, perturbation=PerturbationConfig(kind="rigid"))
+    split = estimate_uncertainty(unseeded, src, tgt, affine, affine, config, seed=0)
+    assert split.intrinsic_spread_mm2 is not None and np.nanmax(split.intrinsic_spread_mm2[0]) > 0
+    np.testing.assert_array_equal(split.prediction_map, first.astype(np.float32))
     assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
 
 
