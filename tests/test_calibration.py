@@ -128,6 +128,9 @@ def test_a_run_uses_the_shipped_calibration_only_for_its_setting(tmp_path):
     third_party = make_config(model="multipropreg")  # its defaults (diffeomorphic, K = 16), as `equiqc run` gets them
     mpr = choose_calibration(dataclasses.replace(third_party, weights_sha256=probe_model(third_party).weights_sha256))
     assert mpr.calibration is not None and mpr.source == "shipped:multipropreg"
+    ants = choose_calibration(make_config(model="ants"))  # its defaults (rigid, K = 8); no weights to hash
+    assert ants.calibration is not None and ants.source == "shipped:ants"
+    assert choose_calibration(make_config(model="ants", samples=16)).calibration is None
     unknown = choose_calibration(_probed(model="affine-opt"))
     assert unknown.calibration is None and "no calibration ships for model 'affine-opt'" in unknown.summary
     record = read_calibration(shipped_calibration_path("default"))
