@@ -73,22 +73,28 @@ def discover_fmriprep(fmriprep_dir: str | Path, space: str = DEFAULT_SPACE,
     dataset_description(root)
     if not re.fullmatch(r"[A-Za-z0-9]+", space):
         raise BidsError(f"--space {space!r}: a TemplateFlow template name is letters and digits only")
-    wanted = {label.removeprefix("sub-") for label in participant_labels} if participant_labels else None
     found: list[FmriprepAnat] = []
     for subject in sorted(p for p in root.glob("sub-*") if p.is_dir()):
-        if wanted is not None and subject.name.removeprefix("sub-") not in wanted:
-            continue
         stems = {(t.parent, t.name.split(f"_{PREPROC}")[0]) for t in subject.glob(f"**/anat/*_{PREPROC}.nii*")}
         if not stems:  # no anatomy was written for this subject: its pair fails, naming the file
             stems = {(subject / "anat", subject.name)}
         found += [_anat(folder, stem, space) for folder, stem in sorted(stems)]
-    if wanted:
-        absent = sorted(wanted - {a.subject_id.removeprefix("sub-") for a in found})
-        if absent:
-            raise BidsError(f"{root}: participant {absent[0]!r} has no folder sub-{absent[0]}")
     if not found:
         raise BidsError(f"{root}: no sub-*/ folder; is this an fMRIPrep or sMRIPrep output folder?")
-    return found
+    return select_fmriprep(found, participant_labels, root)
+
+
+def select_fmriprep(found: list[FmriprepAnat], participant_labels: list[str] | None,
+                    root: str | Path) -> list[FmriprepAnat]:
+    """The normalisations of the given participants (all when None) from :func:`discover_fmriprep`'s list (no
+    second walk of the folder); BidsError naming a participant that has no folder."""
+    if not participant_labels:
+        return found
+    wanted = {label.removeprefix("sub-") for label in participant_labels}
+    absent = sorted(wanted - {a.subject_id.removeprefix("sub-") for a in found})
+    if absent:
+        raise BidsError(f"{root}: participant {absent[0]!r} has no folder sub-{absent[0]}")
+    return [a for a in found if a.subject_id.removeprefix("sub-") in wanted]
 
 
 def templateflow_home() -> Path:

@@ -374,3 +374,26 @@ def test_fmriprep_app_participant_and_group(tmp_path, monkeypatch, capsys):
     decisions = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(decisions["session"]) == ["n/a", "1", "n/a"]
     assert (out / "report.html").is_file() and (out / "exclude.tsv").is_file()
+
+
+def test_fmriprep_discovery_sessions_labels_and_missing_files(tmp_path):
+    from equiqc.storage.bids import BidsError
+    from equiqc.storage.fmriprep import discover_fmriprep
+
+    (tmp_path / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    for folder, stem in (("sub-01/anat", "sub-01"), ("sub-02/ses-1/anat", "sub-02_ses-1")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / f"{stem}_desc-preproc_T1w.nii.gz").write_bytes(b"")
+    (tmp_path / "sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.h5").write_bytes(b"")
+    (tmp_path / "sub-03").mkdir()  # a subject fMRIPrep wrote no anatomy for
+    found = discover_fmriprep(tmp_path)
+    assert [(a.stem, a.image.entities) for a in found] == [("sub-01", {"sub": "01"}),
+                                                          ("sub-02_ses-1", {"sub": "02", "ses": "1"}),
+                                                          ("sub-03", {"sub": "03"})]
+    assert [len(a.missing) for a in found] == [0, 1, 2]  # sub-02: its xfm; sub-03: its T1w and xfm
+    assert "sub-02_ses-1_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.h5" in found[1].missing[0]
+    assert [a.stem for a in discover_fmriprep(tmp_path, participant_labels=["sub-02"])] == ["sub-02_ses-1"]
+    with pytest.raises(BidsError, match="participant '09' has no folder"):
+        discover_fmriprep(tmp_path, participant_labels=["09"])
+    with pytest.raises(BidsError, match="letters and digits"):
+        discover_fmriprep(tmp_path, space="MNI/../x")

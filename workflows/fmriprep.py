@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from equiqc.storage.bids import BidsError
-from equiqc.storage.fmriprep import DEFAULT_SPACE, discover_fmriprep, templateflow_template
+from equiqc.storage.fmriprep import DEFAULT_SPACE, discover_fmriprep, select_fmriprep, templateflow_template
 from equiqc.workflows.bids import group_level, run_participants
 from equiqc.workflows.config import RunConfig
 from equiqc.workflows.logs import LOGGER
@@ -48,7 +48,7 @@ def participant_level(fmriprep_dir: str | Path, out: str | Path, config: RunConf
         if path is not None and not Path(path).is_file():
             raise BidsError(f"{role} {path}: file not found")
     every = discover_fmriprep(fmriprep_dir, space)
-    chosen = discover_fmriprep(fmriprep_dir, space, participant_labels) if participant_labels else every
+    chosen = select_fmriprep(every, participant_labels, fmriprep_dir)
     for anat in chosen:
         if anat.missing:
             LOGGER.warning(f"{anat.stem}: missing {', '.join(anat.missing)}; its pair is reported as failed")
