@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def _ants_transform(ants, fixed, moving, prefix: str, **options) -> str:
 def cohort(args, start: float) -> dict:
     import ants
 
-    work = Path(args.work)
+    work = Path(args.work or tempfile.mkdtemp(prefix="equiqc-ants-cohort-"))
     demo = build_demo_cohort(work, pairs=args.cohort_pairs, seed=args.seed, failure_fraction=args.failure_fraction)
     data = demo.manifest.parent
     target = load_volume(data / "atlas.nii.gz")
@@ -218,7 +219,7 @@ def main() -> None:
     p.add_argument("--cohort-pairs", type=int, default=10)
     p.add_argument("--failure-fraction", type=float, default=0.2, help="cohort: injected failures (the demo's kinds)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", default="/tmp/equiqc-ants-cohort")
+    p.add_argument("--work", help="cohort: folder for its images and transform files (default: a new temporary one)")
     p.add_argument("--out", default="docs/models/ants")
     args = p.parse_args()
     if args.summarise:
