@@ -41,6 +41,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 
+from equiqc.pipeline.world import box_coverage, world_box
 from equiqc.storage.arrays import new_group, write_array
 from equiqc.storage.manifest import PairSpec
 from equiqc.storage.nifti import Volume, VolumeError, load_volume
@@ -132,17 +133,9 @@ def _load_ground_truth(path: Path, target: Volume, source: Volume) -> np.ndarray
 MIN_FOV_OVERLAP = 0.05
 
 
-def _world_box(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.data.shape], indexing="ij")).reshape(3, -1)
-    world = vol.affine[:3, :3] @ corners + vol.affine[:3, 3:]
-    return world.min(1), world.max(1)
-
-
 def fov_overlap(source: Volume, target: Volume) -> float:
     """Fraction of the target's world bounding box that the source's bounding box covers."""
-    (s0, s1), (t0, t1) = _world_box(source), _world_box(target)
-    inter = np.clip(np.minimum(s1, t1) - np.maximum(s0, t0), 0, None).prod()
-    return float(inter / max((t1 - t0).prod(), 1e-9))
+    return box_coverage(world_box(source.affine, source.data.shape), world_box(target.affine, target.data.shape))
 
 
 _LOADED: OrderedDict[tuple[str, str], Volume] = OrderedDict()  # (file sha256, dtype) -> Volume, this process

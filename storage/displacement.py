@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from equiqc.errors import UserError, require
-from equiqc.pipeline.transforms import itk_geometry
+from equiqc.pipeline.world import itk_geometry
 
 FORMATS = (".nii", ".nii.gz", ".h5")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiqc.pipeline.transforms import displacement_lps
+from equiqc.pipeline.world import displacement_lps
 from equiqc.storage.cohort import read_pair
 from equiqc.storage.displacement import write_displacement_field
 from equiqc.storage.nifti import save_like_header, to_original_orientation

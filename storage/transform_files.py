@@ -13,7 +13,7 @@ Accepted:
 
 Read with SimpleITK (extra ``equiqc[itk]``): the transform is evaluated at every voxel of the RAS+ target grid
 (``TransformToDisplacementField``) and converted to equiqc's map (source voxel indices,
-:func:`~equiqc.pipeline.transforms.map_from_displacement_lps`). A file that cannot be read, a displacement field
+:func:`~equiqc.pipeline.world.map_from_displacement_lps`). A file that cannot be read, a displacement field
 that does not cover the target's field of view, or a transform that sends almost none of the target into the
 source image (the inverse transform, another pair's) raises :class:`~equiqc.storage.nifti.VolumeError`, which
 makes it that pair's failure with the reason.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from equiqc.errors import require
-from equiqc.pipeline.transforms import itk_geometry, map_from_displacement_lps
+from equiqc.pipeline.world import LPS_FROM_RAS, box_coverage, itk_geometry, map_from_displacement_lps, world_box
 from equiqc.storage.nifti import Volume, VolumeError
 
 __all__ = ["read_transform_map", "SUFFIXES"]
@@ -42,23 +42,18 @@ def _sitk():
     return require("SimpleITK", "itk", "reading a transform file (manifest column transform)", error=VolumeError)
 
 
-def _box(origin, spacing, direction, size) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size], indexing="ij")).reshape(3, -1)
-    d = np.asarray(direction, float).reshape(3, 3) * np.asarray(spacing, float)
-    world = d @ corners + np.asarray(origin, float)[:, None]
-    return world.min(1), world.max(1)
-
-
-def _read(sitk, path: Path, target_box):
-    """The file as a SimpleITK transform (a displacement field checked to cover ``target_box``)."""
+def _read(sitk, path: Path, target: Volume):
+    """The file as a SimpleITK transform (a displacement field checked to cover ``target``'s field of view)."""
     if path.name.endswith((".nii", ".nii.gz")):
         image = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
             raise VolumeError(f"transform {path}: a displacement field needs 3 components per voxel of a 3D grid "
                               f"(got {image.GetNumberOfComponentsPerPixel()} on {image.GetDimension()}D)")
-        (f0, f1) = _box(image.GetOrigin(), image.GetSpacing(), image.GetDirection(), image.GetSize())
-        (t0, t1) = target_box
-        covered = np.clip(np.minimum(f1, t1) - np.maximum(f0, t0), 0, None).prod() / max((t1 - t0).prod(), 1e-9)
+        lps = np.eye(4)  # the field's voxel-to-LPS affine, from ITK's geometry; LPS -> RAS for equiqc's boxes
+        lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+        lps[:3, 3] = image.GetOrigin()
+        ras = np.diag([*np.diag(LPS_FROM_RAS), 1.0]) @ lps
+        covered = box_coverage(world_box(ras, image.GetSize()), world_box(target.affine, target.data.shape))
         if covered < MIN_FIELD_COVERAGE:
             raise VolumeError(f"transform {path}: the displacement field covers {100 * covered:.0f} % of the target's "
                               "field of view; it must be a field on the target (template) space")
@@ -76,7 +71,7 @@ def read_transform_map(path: str | Path, source: Volume, target: Volume) -> np.n
     origin, spacing, direction = itk_geometry(target.affine)
     shape = tuple(int(n) for n in target.data.shape)
     try:
-        transform = _read(sitk, path, _box(origin, spacing, direction, shape))
+        transform = _read(sitk, path, target)
         field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, shape, origin, spacing,
                                                   direction)
     except RuntimeError as exc:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from equiqc.pipeline import transforms as T
+from equiqc.pipeline import world as W
 from equiqc.pipeline.backends import ants_presets
 from equiqc.pipeline.backends.ants import AntsRegistration, _image
 from equiqc.pipeline.backends.base import PreparedPair, register_perturbed
@@ -202,7 +203,7 @@ def written_transforms(mni_pair_4mm, tmp_path_factory):
     dense = {}
     for name, files in (("h5", [reg["fwdtransforms"]]), ("mat", affine_only["fwdtransforms"])):
         field = ants.image_read(ants.apply_transforms(fix, mov, files, compose=str(folder / f"{name}_"))).numpy()
-        dense[name] = T.map_from_displacement_lps(np.moveaxis(field.astype(np.float64), -1, 0), affine, affine)
+        dense[name] = W.map_from_displacement_lps(np.moveaxis(field.astype(np.float64), -1, 0), affine, affine)
     return {"h5": reg["fwdtransforms"], "mat": affine_only["fwdtransforms"][0]}, dense, folder
 
 
@@ -220,7 +221,7 @@ def test_transform_files_read_as_ants_applies_them(mni_pair_4mm, written_transfo
     # equiqc's own exported field (5D NIfTI, LPS) reads back as the map it was written from
     psi = read_transform_map(files["h5"], source, target)
     nii = folder / "field.nii.gz"
-    write_displacement_field(nii, np.moveaxis(T.displacement_lps(psi.astype(np.float64), affine, affine), 0, -1),
+    write_displacement_field(nii, np.moveaxis(W.displacement_lps(psi.astype(np.float64), affine, affine), 0, -1),
                              affine)
     assert float(map_error_mm(read_transform_map(nii, source, target), psi, affine).max()) < 1e-3
 

@@ -206,8 +206,9 @@ def test_no_import_cycle_between_modules():
             visit(node, [])
 
 
-def test_reading_results_does_not_import_torch():
-    code = ("import sys; import equiqc.storage.results, equiqc.storage.report, equiqc.storage.decisions; "
+def test_reading_results_and_ingest_import_no_torch():
+    code = ("import sys; import equiqc.storage.results, equiqc.storage.report, equiqc.storage.decisions, "
+            "equiqc.storage.cohort, equiqc.storage.transform_files, equiqc.storage.export; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

@@ -259,11 +259,10 @@ def _cmd_fmriprep(args: argparse.Namespace) -> int:
     if args.level == "group":
         summary = group_level(args.out, tolerance_mm=args.tolerance_mm, ratings=args.ratings)
     else:
-        overrides = fmriprep_config_overrides(args.sloppy, args.model, _model_options(args))
-        args.model = overrides["model"]
         from equiqc.workflows.config import make_config
 
-        config = make_config(args.config, model_options=overrides["model_options"], **_flag_options(args))
+        replay = fmriprep_config_overrides(args.sloppy, args.model, _model_options(args))  # model, model_options
+        config = make_config(args.config, **{**_flag_options(args), **replay})
         summary = participant_level(args.fmriprep_dir, args.out, config, args.space, args.target, args.target_mask,
                                     args.participant_label, argv=sys.argv, shard=parse_shard(args.shard))
     _print_run(summary)

@@ -6,10 +6,10 @@ pipeline in this process: a preset antspyx names (``type_of_transform``: ``SyN``
 ``fmriprep``, ``fmriprep-sloppy``, or a user's JSON/YAML file in nipype's ``Registration`` keys). No weights.
 
 Images go to ANTs in memory, built from equiqc's own arrays and voxel-to-RAS affines (RAS+ arrays; ITK's LPS
-geometry from :func:`~equiqc.pipeline.transforms.itk_geometry`), so no qform/sform choice is left to ANTs. ANTs'
+geometry from :func:`~equiqc.pipeline.world.itk_geometry`), so no qform/sform choice is left to ANTs. ANTs'
 forward transforms are composed into one dense displacement field on the target grid (``antsApplyTransforms``
 with an output composite field, LPS mm), which becomes the map in source voxels
-(:func:`~equiqc.pipeline.transforms.map_from_displacement_lps`): the pull-back ``antsApplyTransforms -i source -r
+(:func:`~equiqc.pipeline.world.map_from_displacement_lps`): the pull-back ``antsApplyTransforms -i source -r
 target`` applies. Temporary files live in a folder removed after each registration.
 
 Perturbations: a rigid or translation perturbation ``T`` is given to ANTs exactly, as a change of the source's
@@ -44,6 +44,7 @@ import torch
 
 from equiqc.errors import require
 from equiqc.pipeline import transforms as T
+from equiqc.pipeline import world as W
 from equiqc.pipeline.backends import ants_presets
 from equiqc.pipeline.backends.base import PreparedPair, check_prediction
 
@@ -182,7 +183,7 @@ class AntsRegistration:
                 raise RuntimeError(f"ANTs registration ({self.describe()}) failed: {exc}"
                                    + (f"\nANTs' last output:\n{tail}" if tail else "")) from exc
             self.console.append(log.read_text(errors="replace"))
-        return T.map_from_displacement_lps(np.moveaxis(field.astype(np.float64), -1, 0), moving_affine, fixed_affine)
+        return W.map_from_displacement_lps(np.moveaxis(field.astype(np.float64), -1, 0), moving_affine, fixed_affine)
 
     def describe(self) -> str:
         """The setting in words (for errors and logs)."""
@@ -242,7 +243,7 @@ def _orthogonal_columns(linear: np.ndarray, atol: float = 1e-6) -> bool:
 
 def _image(ants, array: np.ndarray, affine: np.ndarray):
     """An ANTsImage of a RAS+ array with voxel-to-RAS ``affine`` (antspyx's array axes are numpy's)."""
-    origin, spacing, direction = T.itk_geometry(affine)
+    origin, spacing, direction = W.itk_geometry(affine)
     return ants.from_numpy(np.ascontiguousarray(array, dtype=np.float32), origin=list(origin),
                            spacing=list(spacing), direction=np.asarray(direction).reshape(3, 3))
 
