@@ -26,11 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from equiqc.pipeline import transforms as T
-from equiqc.pipeline.perturbations import rotation_matrices
 from equiqc.pipeline.scores import auroc
+from equiqc.pipeline.synthetic import (
+    FAILURES,
+    draw_pair_map,
+    rigidly_moved,  # noqa: F401 (tests, examples)
+    wide_intensity,
+    with_rotation,
+)
+from equiqc.pipeline.synthetic import demo_intensity as _intensity  # noqa: F401 (benchmarks' name)
+from equiqc.pipeline.synthetic import subject_map as _subject_map
 from equiqc.storage.manifest import write_manifest
 from equiqc.storage.nifti import save_volume
 
@@ -76,49 +83,6 @@ def _templates(atlas: str | Path = "mni", mask: str | Path | None = None):
     return data(t1), np.asarray(t1.affine, np.float64), brain, labels
 
 
-def _subject_map(shape, affine, gen, rot_deg=4.0, shift_mm=4.0, scale=0.04, vel_mm=2.0, axis_rot=None):
-    """(map a (1,3,*shape) target->subject voxels, its inverse) for ``a = M o exp(v)``."""
-    a = torch.as_tensor(affine)
-    u = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64) * 2 - 1  # noqa: E731
-    deg = u(1, 3) * rot_deg
-    if axis_rot is not None:
-        deg = torch.zeros(1, 3, dtype=torch.float64)
-        deg[0, axis_rot[0]] = axis_rot[1]
-    lin = rotation_matrices(torch.deg2rad(deg), 3)[0] @ torch.diag(1 + u(3) * scale)
-    m = T.about_grid_centre(lin, u(3) * shift_mm, shape, a)
-    spacing = torch.linalg.norm(a[:3, :3], dim=0).float()
-    coarse = torch.randn(1, 3, 7, 8, 7, generator=gen) * (vel_mm / spacing).view(1, 3, 1, 1, 1)
-    v = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
-    fwd = T.apply_affine(m, T.displacement_to_map(T.scaling_and_squaring(v)).double())
-    inv = T.sample_map(T.displacement_to_map(T.scaling_and_squaring(-v)).double(),
-                       T.affine_map(torch.linalg.inv(m), shape, torch.float64))
-    return fwd, inv
-
-
-def rigidly_moved(data: np.ndarray, affine: np.ndarray, degrees=(3.0, -2.0, 4.0), shift_mm=(4.0, -3.0, 2.0)):
-    """``(moved image, true map)``: ``data`` moved by a rigid world transform about the grid centre.
-
-    The true map (source = ``data`` -> target = moved) is in source voxels, ``(3, *shape)`` float64.
-    """
-    a = torch.as_tensor(affine, dtype=torch.float64)
-    rot = rotation_matrices(torch.deg2rad(torch.tensor([degrees], dtype=torch.float64)), 3)[0]
-    m = T.about_grid_centre(rot, torch.tensor(shift_mm, dtype=torch.float64), data.shape, a)
-    phi = T.affine_map(m, data.shape, torch.float64)
-    moved = T.warp(torch.as_tensor(data, dtype=torch.float32)[None, None], phi.float())[0, 0].numpy()
-    return moved, phi[0].numpy()
-
-
-def _intensity(img: np.ndarray, gen: torch.Generator) -> np.ndarray:
-    x = torch.as_tensor(img)[None, None]
-    gamma = float(torch.exp((torch.rand(1, generator=gen) * 2 - 1) * 0.2))
-    bias = F.interpolate(torch.randn(1, 1, 4, 4, 4, generator=gen) * 0.05, size=img.shape, mode="trilinear",
-                         align_corners=True)
-    hi = float(x.max())
-    x = (x.clamp_min(0) / hi) ** gamma * torch.exp(bias) * hi
-    x = x + torch.randn(x.shape, generator=gen) * 0.01 * hi
-    return x[0, 0].numpy().astype(np.float32)
-
-
 def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_fraction: float = 0.2,
                       atlas: str | Path = "mni", mask: str | Path | None = None,
                       strength: tuple[float, float] = (1.0, 1.0), failures_only: bool = False) -> DemoCohort:
@@ -131,13 +95,7 @@ def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_f
     demo's ranges, drawing nothing extra, so the demo's cohort does not change). ``failures_only``: every pair
     is an injected failure (the four kinds in turn), for measuring the decision.
     """
-    out = Path(out) / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    t1, affine, brain, labels = _templates(atlas, mask)
-    save_volume(out / "atlas.nii.gz", t1, affine)
-    save_volume(out / "atlas_brain_mask.nii.gz", brain.astype(np.uint8), affine)
-    if labels is not None:
-        save_volume(out / "atlas_tissue_labels.nii.gz", labels, affine)
+    out, (t1, affine, brain, labels) = _write_atlas(out, atlas, mask)
     n_fail = pairs if failures_only else int(round(pairs * failure_fraction))
     rng = np.random.default_rng(seed)
     failing = set(rng.choice(pairs, n_fail, replace=False).tolist()) if n_fail else set()
@@ -160,24 +118,113 @@ def build_demo_cohort(out: str | Path, pairs: int = 20, seed: int = 0, failure_f
         fwd, inv = _subject_map(t1.shape, affine, gen, **options)
         img = T.warp(torch.as_tensor(t1)[None, None], fwd.float())[0, 0].numpy()
         img = _intensity(img, gen)
-        if kind == "corrupted":
-            img[:, : img.shape[1] // 3] = 0.0
-            img = img + np.asarray(torch.randn(img.shape, generator=gen)) * 0.3 * img.max()
-        elif kind == "wrong_image":
-            head = img > 0.1 * img.max()
-            img = np.where(head, img.max() - img, 0.0).astype(np.float32)
-        sid = f"sub-{i + 1:03d}"
-        save_volume(out / f"{sid}_T1w.nii.gz", img.astype(np.float32), affine)
-        save_volume(out / f"{sid}_to_atlas_truth.nii.gz", np.moveaxis(inv[0].float().numpy(), 0, -1), affine)
-        rows.append({"subject_id": sid, "pair_id": f"{sid}_to_atlas", "source": f"{sid}_T1w.nii.gz",
-                     "target": "atlas.nii.gz", "target_mask": "atlas_brain_mask.nii.gz",
-                     "ground_truth": f"{sid}_to_atlas_truth.nii.gz"}
-                    | ({"target_labels": "atlas_tissue_labels.nii.gz"} if labels is not None else {}))
-        truth[f"{sid}_to_atlas"] = kind
+        if kind in ("corrupted", "wrong_image"):
+            img = FAILURES["contrast_inversion" if kind == "wrong_image" else kind].image(img, gen, None)
+        rows.append(_write_pair(out, f"sub-{i + 1:03d}", img, inv, affine, labels is not None))
+        truth[rows[-1]["pair_id"]] = kind
+    return _write_manifest(out, rows, [{"pair_id": p, "kind": k} for p, k in truth.items()])
+
+
+def _write_atlas(out: str | Path, atlas: str | Path, mask: str | Path | None):
+    """``(data folder, (t1, affine, brain, labels))``: the template written as the cohort's target."""
+    out = Path(out) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    t1, affine, brain, labels = _templates(atlas, mask)
+    save_volume(out / "atlas.nii.gz", t1, affine)
+    save_volume(out / "atlas_brain_mask.nii.gz", brain.astype(np.uint8), affine)
+    if labels is not None:
+        save_volume(out / "atlas_tissue_labels.nii.gz", labels, affine)
+    return out, (t1, affine, brain, labels)
+
+
+def _write_pair(out: Path, sid: str, img: np.ndarray, inv, affine: np.ndarray, labels: bool) -> dict:
+    """Write a subject image and its true map (subject -> atlas, source voxels); its manifest row."""
+    save_volume(out / f"{sid}_T1w.nii.gz", img.astype(np.float32), affine)
+    save_volume(out / f"{sid}_to_atlas_truth.nii.gz", np.moveaxis(inv[0].float().numpy(), 0, -1), affine)
+    return ({"subject_id": sid, "pair_id": f"{sid}_to_atlas", "source": f"{sid}_T1w.nii.gz",
+             "target": "atlas.nii.gz", "target_mask": "atlas_brain_mask.nii.gz",
+             "ground_truth": f"{sid}_to_atlas_truth.nii.gz"}
+            | ({"target_labels": "atlas_tissue_labels.nii.gz"} if labels else {}))
+
+
+def _write_manifest(out: Path, rows: list[dict], injected: list[dict]) -> DemoCohort:
+    """The manifest and ``injected.csv`` (one line per pair: ``pair_id``, ``kind`` ("good" or a failure), and
+    for family cohorts the family, strength and intensity draws)."""
+    import pandas as pd
+
     manifest = out / "manifest.csv"
     write_manifest(manifest, rows)
-    (out / "injected.csv").write_text("pair_id,kind\n" + "".join(f"{p},{k}\n" for p, k in truth.items()))
-    return DemoCohort(manifest, truth)
+    pd.DataFrame(injected).to_csv(out / "injected.csv", index=False)
+    return DemoCohort(manifest, {r["pair_id"]: r["kind"] for r in injected})
+
+
+def other_anatomy(atlas: str | Path, t1: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Another person's brain on the template's grid, for the ``other_subject`` failure: MultiPropReg's adult
+    atlas (needs ``equiqc[multipropreg]``) resampled by world coordinates, its centre of mass moved onto the
+    template's, scaled to the template's intensity range. For MultiPropReg's own atlas: the MNI152 2009 template."""
+    from equiqc.errors import require
+
+    if atlas == "multipropreg":
+        other, other_affine, *_ = _templates("mni")
+    else:
+        require("MultiPropReg", "multipropreg", "the other_subject failure (another anatomy)")
+        from equiqc.pipeline.backends.multipropreg import load_atlas
+
+        other, _, other_affine = load_atlas()
+
+    def centre_mm(x, a):
+        return (a @ np.r_[np.argwhere(x > 0.1 * x.max()).mean(0), 1.0])[:3]
+
+    m = np.linalg.inv(other_affine) @ affine
+    m[:3, 3] += np.linalg.inv(other_affine)[:3, :3] @ (centre_mm(other, other_affine) - centre_mm(t1, affine))
+    phi = T.affine_map(torch.as_tensor(m), t1.shape, torch.float64)
+    moved = T.warp(torch.as_tensor(other, dtype=torch.float32)[None, None], phi.float())[0, 0].numpy()
+    return (moved / max(float(moved.max()), 1e-6) * float(t1.max())).astype(np.float32)
+
+
+def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas: str | Path = "mni",
+                        mask: str | Path | None = None) -> DemoCohort:
+    """Write a cohort of generator-family pairs (NIfTI + manifest.csv + injected.csv) under ``out/data``.
+
+    ``plan``: one dict per pair with ``family`` (:data:`equiqc.pipeline.synthetic.FAMILIES`), ``strength`` and
+    optionally ``kind`` (a failure of :data:`equiqc.pipeline.synthetic.FAILURES`, default ``good``). Every pair
+    gets :func:`equiqc.pipeline.synthetic.wide_intensity`. ``atlas``, ``mask``: as :func:`build_demo_cohort`.
+    """
+    out, (t1, affine, brain, labels) = _write_atlas(out, atlas, mask)
+    gen = torch.Generator().manual_seed(seed)
+    other = None
+    rows, injected = [], []
+    for i, item in enumerate(plan):
+        kind = item.get("kind", "good")
+        failure = FAILURES.get(kind) if kind != "good" else None
+        if kind != "good" and failure is None:
+            raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(FAILURES)}")
+        strength = float(item["strength"]) * (failure.strength if failure else 1.0)
+        fwd, inv = draw_pair_map(item["family"], t1.shape, affine, gen, strength, region=brain)
+        if failure and failure.rotation_deg:
+            fwd, inv = with_rotation(fwd, inv, t1.shape, affine, gen, failure.rotation_deg)
+        anatomy = t1
+        if failure and failure.needs_other:
+            other = other_anatomy(atlas, t1, affine) if other is None else other
+            anatomy = other
+        img = T.warp(torch.as_tensor(anatomy)[None, None], fwd.float())[0, 0].numpy()
+        img, drawn = wide_intensity(img, gen)
+        if failure and failure.image and not failure.needs_other:
+            img = failure.image(img, gen, None)
+        rows.append(_write_pair(out, f"sub-{i + 1:03d}", img, inv, affine, labels is not None))
+        injected.append({"pair_id": rows[-1]["pair_id"], "kind": kind, "family": item["family"],
+                         "strength": float(item["strength"])} | drawn)
+    return _write_manifest(out, rows, injected)
+
+
+def family_plan(families, pairs_per_family: int, strength: tuple[float, float], seed: int,
+                kinds: tuple[str, ...] = ()) -> list[dict]:
+    """A cohort plan: ``pairs_per_family`` good pairs of each family at strengths drawn uniformly in ``strength``
+    (seeded), then one pair of each failure kind in ``kinds`` per family (at strength 1)."""
+    rng = np.random.default_rng(seed)
+    plan = [{"family": f, "strength": float(rng.uniform(*strength))} for f in families
+            for _ in range(pairs_per_family)]
+    return plan + [{"family": f, "strength": 1.0, "kind": k} for f in families for k in kinds]
 
 
 def demo_summary(rows: list[dict], truth: dict[str, str]) -> dict:
