@@ -86,7 +86,7 @@ def subject_map(shape, affine, gen, rot_deg=4.0, shift_mm=4.0, scale=0.04, vel_m
     spacing = torch.linalg.norm(a[:3, :3], dim=0).float()
     coarse = torch.randn(1, 3, 7, 8, 7, generator=gen) * (vel_mm / spacing).view(1, 3, 1, 1, 1)
     v = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
-    return _with_affine(m, T.scaling_and_squaring(v).double(), T.scaling_and_squaring(-v).double(), shape)
+    return _with_affine(m, T.scaling_and_squaring(v), T.scaling_and_squaring(-v), shape)  # float32, as it was
 
 
 def fixed_point_inverse(u: Tensor, iterations: int = 40) -> Tensor:
