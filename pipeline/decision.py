@@ -12,10 +12,11 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
     ``expected_error_upper_mm`` (:mod:`equiqc.pipeline.calibration`) is above it, or the mean spread
     ``uncertainty_mean_mm`` is: the spread is a lower bound of the RMS error (docs/design.md), so a pair over
     the tolerance by its spread alone is over it, whatever a calibration fitted on other pairs predicts;
-  - ``outlier``: ``uncertainty_p95_mm`` beyond the cohort's upper Tukey fence on a log scale,
-    ``log(x + floor) > Q3 + k IQR`` of the complete pairs' ``log(p95 + floor)`` (``noise_floor_mm``, ``fence_iqr``),
-    and at least ``min_outlier_ratio`` times the cohort median (so a very homogeneous cohort does not turn
-    tiny differences into outliers); needs at least :data:`MIN_COHORT_FOR_OUTLIERS` complete pairs;
+  - ``outlier``: ``uncertainty_p95_mm`` beyond the cohort's upper robust fence on a log scale,
+    ``log(x + floor) > median + k MAD`` of the complete pairs' ``log(p95 + floor)`` (``noise_floor_mm``,
+    ``fence_mad``; :func:`robust_fences`), and at least ``min_outlier_ratio`` times the cohort median (so a very
+    homogeneous cohort does not turn tiny differences into outliers); needs at least
+    :data:`MIN_COHORT_FOR_OUTLIERS` complete pairs;
   - ``folding``: ``folding_fraction`` of the prediction above ``folding_threshold``;
   - ``fov``: the prediction maps more than ``fov_threshold`` of the region outside the source image
     (``fov_loss_fraction``: the registration had to invent that anatomy);
@@ -26,9 +27,14 @@ Pure computation on the per-pair summary rows (no I/O). Conventions (all distanc
     transform the method reproduces lies within its spread: one more draw of the ensemble would be about one
     spread from its mean);
   - ``similarity``: the correlation of the registered source with the target (``similarity_ncc``) is below the
-    cohort's lower Tukey fence, ``Q1 - k IQR`` of the complete pairs' values, and at least
-    ``min_similarity_drop`` below the cohort median (needs :data:`MIN_COHORT_FOR_OUTLIERS` pairs); a
-    calibrated floor per model is still to come.
+    cohort's lower robust fence, ``median - k MAD`` of the complete pairs' values, and at least
+    ``min_similarity_drop`` below the cohort median (needs :data:`MIN_COHORT_FOR_OUTLIERS` pairs).
+
+  Both fences use the median and the median absolute deviation (MAD, scaled by 1.4826 to a normal sd; the
+  modified z-score of Iglewicz and Hoaglin, cut at ``fence_mad = 3.5``): their breakdown point is 50 %, so they
+  keep working while up to half of the cohort fails (a Tukey fence on the quartiles stops at 25 %: with a third
+  of a cohort failing, its lower quartile lies among the failures). With a MAD of 0 (most pairs identical) the
+  fence sits at the median and the minimum drop or ratio decides.
 
 * **risk_score** is ``log2((p95 + floor) / (cohort median p95 + floor))`` clipped to
   ``[-RISK_BOUND, RISK_BOUND]``: +1 means twice the cohort's typical 95th-percentile spread. It is finite
@@ -59,7 +65,7 @@ class DecisionRules:
     tolerance_mm: float = 3.0
     folding_threshold: float = 0.01
     noise_floor_mm: float = 0.1
-    fence_iqr: float = 1.5
+    fence_mad: float = 3.5
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
     min_similarity_drop: float = 0.1
@@ -81,7 +87,15 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return (np.searchsorted(ordered, values, "left") + np.searchsorted(ordered, values, "right") + 1) / 2
 
 
-def cohort_context(values: np.ndarray, floor_mm: float, fence_iqr: float,
+def robust_fences(values: np.ndarray, k: float) -> tuple[float, float, float]:
+    """``(median - k s, median, median + k s)`` of finite ``values``, ``s = 1.4826 MAD`` (a normal sd; numpy, not
+    ``scipy.stats.median_abs_deviation``: scipy's import costs the client about 1 s for two medians)."""
+    median = float(np.median(values))
+    s = 1.4826 * float(np.median(np.abs(values - median)))
+    return median - k * s, median, median + k * s
+
+
+def cohort_context(values: np.ndarray, floor_mm: float, fence_mad: float,
                    min_ratio: float = 1.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(risk_score, percentile, outlier)`` of each value against the finite values (see module docstring)."""
     values = np.asarray(values, dtype=np.float64)
@@ -95,18 +109,18 @@ def cohort_context(values: np.ndarray, floor_mm: float, fence_iqr: float,
     risk[finite] = np.clip(logs - np.median(logs), -RISK_BOUND, RISK_BOUND)
     percentile[finite] = average_ranks(values[finite]) / finite.sum() * 100
     if finite.sum() >= MIN_COHORT_FOR_OUTLIERS:
-        q1, q3 = np.percentile(logs, [25, 75])
-        outlier[finite] = logs > max(q3 + fence_iqr * (q3 - q1), np.median(logs) + np.log2(min_ratio))
+        _, median, high = robust_fences(logs, fence_mad)
+        outlier[finite] = logs > max(high, median + np.log2(min_ratio))
     return risk, percentile, outlier
 
 
-def _low_outliers(values: np.ndarray, fence_iqr: float, min_drop: float) -> np.ndarray:
-    """Values below both ``Q1 - k IQR`` and ``median - min_drop`` of the finite values (cohort >= minimum)."""
+def _low_outliers(values: np.ndarray, fence_mad: float, min_drop: float) -> np.ndarray:
+    """Values below both ``median - k MAD`` and ``median - min_drop`` of the finite values (cohort >= minimum)."""
     low = np.zeros(values.shape, bool)
     finite = np.isfinite(values)
     if finite.sum() >= MIN_COHORT_FOR_OUTLIERS:
-        q1, q3 = np.percentile(values[finite], [25, 75])
-        low[finite] = values[finite] < min(q1 - fence_iqr * (q3 - q1), np.median(values[finite]) - min_drop)
+        fence, median, _ = robust_fences(values[finite], fence_mad)
+        low[finite] = values[finite] < min(fence, median - min_drop)
     return low
 
 
@@ -115,9 +129,9 @@ def decide(rows: list[dict], rules: DecisionRules = DecisionRules()) -> list[dic
     every row, in place; returns the rows."""
     complete = [r for r in rows if r.get("status") == "complete"]
     low_similarity = _low_outliers(np.array([r.get("similarity_ncc", np.nan) for r in complete], float),
-                                   rules.fence_iqr, rules.min_similarity_drop)
+                                   rules.fence_mad, rules.min_similarity_drop)
     risk, percentile, outlier = cohort_context(np.array([r.get(CONTEXT_METRIC, np.nan) for r in complete], float),
-                                               rules.noise_floor_mm, rules.fence_iqr, rules.min_outlier_ratio)
+                                               rules.noise_floor_mm, rules.fence_mad, rules.min_outlier_ratio)
     for r, score, pct, out, dissimilar in zip(complete, risk, percentile, outlier, low_similarity, strict=True):
         reasons = []
         voxels = r.get("n_region_voxels")

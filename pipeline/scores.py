@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from equiqc.pipeline import transforms as T
@@ -46,15 +47,19 @@ def _select(values: Tensor, region: Tensor) -> Tensor:
     return values.flatten().index_select(0, region) if region.dtype == torch.long else values[region]
 
 
+def correlation(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (float64): NaN when either is constant or holds fewer than 3 values."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    scale = float((a.square().sum() * b.square().sum()).sqrt())
+    return float((a * b).sum()) / scale if a.numel() >= 3 and scale > 0 else float("nan")
+
+
 def similarity_after_registration(source: Tensor, target: Tensor, phi: Tensor, region: Tensor) -> float:
     """Normalised cross-correlation (Pearson) of the source warped by ``phi`` (source voxels, ``(D, *target)``)
     and the target over ``region`` (a mask or flat indices, :func:`_select`; tensors on one device): 1 for a
     perfect match up to intensity scale; NaN when either is constant."""
     warped = T.warp(source.float()[None, None], phi.float()[None])[0, 0]
-    a, b = _select(warped, region).double(), _select(target, region).double()
-    a, b = a - a.mean(), b - b.mean()
-    scale = float((a.square().sum() * b.square().sum()).sqrt())
-    return float((a * b).sum()) / scale if a.numel() >= 3 and scale > 0 else float("nan")
+    return correlation(_select(warped, region), _select(target, region))
 
 
 def quantile(values: Tensor, q: float) -> float:
@@ -69,15 +74,62 @@ def quantile(values: Tensor, q: float) -> float:
     return float(low + (high - low) * (position - below))
 
 
+def local_ncc(a: Tensor, b: Tensor, window: int) -> Tensor:
+    """Local normalised cross-correlation of two images (``(*spatial)``, one grid) over cubic windows of ``window``
+    voxels (odd) centred on each voxel: in [-1, 1]; 0 where either image is locally constant (zero padding at the
+    edges, box means by average pooling)."""
+    x = torch.stack([a, b, a * a, b * b, a * b]).double()[None]
+    pool = F.avg_pool3d if a.dim() == 3 else F.avg_pool2d
+    m = pool(x, window, stride=1, padding=window // 2, count_include_pad=False)[0]
+    cov, va, vb = m[4] - m[0] * m[1], (m[2] - m[0] ** 2).clamp_min(0), (m[3] - m[1] ** 2).clamp_min(0)
+    scale = (va * vb).sqrt()
+    tiny = 1e-6 * float(scale.max()) if scale.numel() and float(scale.max()) > 0 else 1.0
+    return torch.where(scale > tiny, cov / scale.clamp_min(tiny), torch.zeros_like(cov)).clamp(-1, 1)
+
+
+LNCC_WINDOW_MM = 9.0  # local similarity windows: about 9 mm across (5 voxels at 2 mm, 9 at 1 mm)
+
+
+def lncc_window(affine: np.ndarray) -> int:
+    """Odd window (voxels) of about :data:`LNCC_WINDOW_MM` on a grid of ``affine``'s spacing (at least 3)."""
+    spacing = float(np.mean(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    return max(3, 2 * round((LNCC_WINDOW_MM / spacing - 1) / 2) + 1)
+
+
+def world_displacement_mm(phi: Tensor, source_affine: np.ndarray, target_affine: np.ndarray) -> Tensor:
+    """Per-voxel world displacement (mm, ``(D, *target)``) of a map ``phi`` (source voxels, ``(D, *target)``):
+    ``A_source phi(x) - A_target x``."""
+    d = phi.shape[0]
+    a_s = torch.as_tensor(np.asarray(source_affine), dtype=torch.float64, device=phi.device)
+    a_t = torch.as_tensor(np.asarray(target_affine), dtype=torch.float64, device=phi.device)
+    grid = T.identity_grid(phi.shape[1:], torch.float64, phi.device)[0]
+    src = torch.einsum("ij,j...->i...", a_s[:d, :d], phi.double()) + a_s[:d, d].view(d, *[1] * d)
+    tgt = torch.einsum("ij,j...->i...", a_t[:d, :d], grid) + a_t[:d, d].view(d, *[1] * d)
+    return src - tgt
+
+
+def nonlinear_part_mm(disp: Tensor, region: Tensor) -> Tensor:
+    """Distance (mm, ``(*target)``) of a world displacement ``disp`` (``(D, *target)``, mm) from its least-squares
+    affine fit over ``region`` (flat indices): the size of the deformation's nonlinear part per voxel."""
+    d = disp.shape[0]
+    grid = T.identity_grid(disp.shape[1:], torch.float64, disp.device)[0].reshape(d, -1)
+    design = torch.cat([grid, torch.ones_like(grid[:1])]).T  # (voxels, D + 1)
+    values = disp.reshape(d, -1).T
+    step = max(1, region.numel() // 200_000)  # the fit from at most ~200k voxels of the region
+    fit = torch.linalg.lstsq(design[region[::step]], values[region[::step]]).solution
+    return (values - design @ fit).square().sum(1).sqrt().reshape(disp.shape[1:])
+
+
 SUMMARY_KEYS = ("uncertainty_mean_mm", "uncertainty_median_mm", "uncertainty_p95_mm", "frac_above_1mm",
-                "frac_above_2mm", "folding_fraction", "fov_loss_fraction", "similarity_ncc")
+                "frac_above_2mm", "folding_fraction", "fov_loss_fraction", "similarity_ncc", "similarity_lncc",
+                "deformation_mean_mm", "nonlinear_mean_mm", "log_jacobian_sd")
 
 
 def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: np.ndarray | None = None,
                  labels: np.ndarray | None = None, ground_truth: np.ndarray | None = None,
                  source_shape: tuple[int, ...] | None = None, source: np.ndarray | None = None,
                  target: np.ndarray | None = None, label_names: dict[int, str] | None = None,
-                 device: str | torch.device = "cpu") -> dict:
+                 target_affine: np.ndarray | None = None, device: str | torch.device = "cpu") -> dict:
     """Summaries of one pair's result over ``region`` (bool, target grid), per label, and vs ground truth, computed
     with torch on ``device`` (a GPU worker summarises on its GPU, a few ms, instead of seconds of CPU at 1 mm).
 
@@ -87,7 +139,14 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     ``source_shape``: the source grid's shape; gives ``fov_loss_fraction``, the fraction of the region that the
     unperturbed prediction maps outside the source image (:func:`fov_loss`).
     ``source`` and ``target`` (the images): give ``similarity_ncc``, their correlation after registration by the
-    unperturbed prediction over the region (:func:`similarity_after_registration`).
+    unperturbed prediction over the region (:func:`similarity_after_registration`), and ``similarity_lncc``, the
+    mean over the region of their local correlation (:func:`local_ncc`, windows of about 9 mm): the
+    registration's residual mismatch, which a failure the spread cannot see (the same miss in every perturbed
+    frame) still leaves.
+    ``target_affine`` (default: the source's): gives the size of the predicted deformation over the region:
+    ``deformation_mean_mm`` (mean world displacement, :func:`world_displacement_mm`), ``nonlinear_mean_mm`` (mean
+    distance from its affine fit, :func:`nonlinear_part_mm`); and ``log_jacobian_sd``, the standard deviation of
+    the log Jacobian determinant (clamped at 1e-3) over the region.
     ``ground_truth``: the true map (source voxels, ``(D, *target)``): gives ``true_error_mean_mm`` (error of the
     unperturbed prediction, the registration a user uses), ``tta_error_mean_mm`` (of the mean map) and
     ``voxel_spearman_std_error``.
@@ -105,20 +164,29 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
     if std.numel() == 0:
         out.update(dict.fromkeys(SUMMARY_KEYS, np.nan))
     else:
-        jac = T.jacobian_determinant(phi.double()[None])[0]
+        jac = _select(T.jacobian_determinant(phi.double()[None])[0], region)
+        target_affine = source_affine if target_affine is None else target_affine
+        disp = world_displacement_mm(phi, source_affine, target_affine)
         out.update({
             "uncertainty_mean_mm": float(std.mean()),
             "uncertainty_median_mm": quantile(std, 0.5),
             "uncertainty_p95_mm": quantile(std, 0.95),
             "frac_above_1mm": float((std > 1.0).double().mean()),
             "frac_above_2mm": float((std > 2.0).double().mean()),
-            "folding_fraction": float((_select(jac, region) <= 0).double().mean()),
+            "folding_fraction": float((jac <= 0).double().mean()),
             "fov_loss_fraction": float(_select(fov_loss(phi, source_shape), region).double().mean())
             if source_shape is not None else np.nan,
-            "similarity_ncc": similarity_after_registration(torch.as_tensor(source, device=dev),
-                                                            torch.as_tensor(target, device=dev), phi, region)
-            if source is not None and target is not None else np.nan,
+            "similarity_ncc": np.nan, "similarity_lncc": np.nan,
+            "deformation_mean_mm": float(_select(disp.square().sum(0).sqrt(), region).mean()),
+            "nonlinear_mean_mm": float(_select(nonlinear_part_mm(disp, region), region).mean()),
+            "log_jacobian_sd": float(jac.clamp_min(1e-3).log().std()) if jac.numel() > 1 else 0.0,
         })
+        if source is not None and target is not None:
+            tgt = torch.as_tensor(target, device=dev).float()
+            warped = T.warp(torch.as_tensor(source, device=dev).float()[None, None], phi[None])[0, 0]
+            window = lncc_window(target_affine)
+            out.update(similarity_ncc=correlation(_select(warped, region), _select(tgt, region)),
+                       similarity_lncc=float(_select(local_ncc(warped, tgt, window), region).mean()))
     if result.prediction_given:
         out.update(transform_deviation(result, source_affine, region, dev))
     if labels is not None:

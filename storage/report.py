@@ -23,6 +23,12 @@ frac_above_2mm              float64   fraction of region voxels with std_mm > 2 
 folding_fraction            float64   fraction of region voxels where the prediction's Jacobian det <= 0
 fov_loss_fraction           float64   fraction of region voxels the prediction maps outside the source image
 similarity_ncc              float64   correlation of the registered source with the target over the region
+similarity_lncc             float64   mean local correlation (9 mm windows) of the same: the residual mismatch
+deformation_mean_mm         float64   mean world displacement (mm) of the prediction over the region
+nonlinear_mean_mm           float64   mean distance (mm) of that displacement from its affine fit
+log_jacobian_sd             float64   standard deviation of the prediction's log Jacobian determinant
+calibration_in_range        boolean   the pair's calibration features lie within the calibration data's range
+                                      (null: no calibration); outside it the bound is widened (docs/calibration.md)
 n_samples                   int64     samples per voxel requested (K x draws, +1 with the unperturbed)
 model                       string    backend name
 method                      string    ``equivariance`` or ``mc-dropout``
@@ -66,7 +72,9 @@ SCHEMA: dict[str, str] = {
     "uncertainty_mean_mm": "float64",
     "uncertainty_median_mm": "float64", "uncertainty_p95_mm": "float64", "frac_above_1mm": "float64",
     "frac_above_2mm": "float64", "folding_fraction": "float64", "fov_loss_fraction": "float64",
-    "similarity_ncc": "float64", "n_samples": "Int64", "model": "string",
+    "similarity_ncc": "float64", "similarity_lncc": "float64", "deformation_mean_mm": "float64",
+    "nonlinear_mean_mm": "float64", "log_jacobian_sd": "float64", "calibration_in_range": "boolean",
+    "n_samples": "Int64", "model": "string",
     "method": "string", "perturbation": "string", "seed": "Int64", "runtime_s": "float64", "crash_file": "string",
     "true_error_mean_mm": "float64", "tta_error_mean_mm": "float64",
     "transform_deviation_mean_mm": "float64", "transform_deviation_p95_mm": "float64",

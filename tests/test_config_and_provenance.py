@@ -38,7 +38,7 @@ BAD_VALUES = [
     ("samples", True, "option samples: True (bool)"),
     ("tolerance_mm", "high", "option tolerance_mm: 'high' (str) is not allowed; expected a finite number"),
     ("tolerance_mm", float("nan"), "option tolerance_mm: nan"),
-    ("fence_iqr", -1, "option fence_iqr: -1 is not allowed; it must be >= 0"),
+    ("fence_mad", -1, "option fence_mad: -1 is not allowed; it must be >= 0"),
     ("folding_threshold", 2, "option folding_threshold: 2 is not allowed; it must be <= 1"),
     ("cluster", "kubernetes", "option cluster: 'kubernetes' is not allowed; choose one of local, cuda, slurm, pbs"),
     ("perturbation", "warp", "option perturbation: 'warp' is not allowed; choose one of translation"),
@@ -64,7 +64,7 @@ def test_every_option_is_checked_against_the_schema(tmp_path, key, value, messag
 
 
 def test_good_values_pass_and_help_lists_every_user_option():
-    RunConfig(workers=None, samples=2, tolerance_mm=3, fence_iqr=0.5, label_names={"1": "csf", 2: "gm"},
+    RunConfig(workers=None, samples=2, tolerance_mm=3, fence_mad=0.5, label_names={"1": "csf", 2: "gm"},
               perturbation_options={"max_rotation_deg": 2})
     text = options_help()
     assert "workers" in text and "tolerance_mm" in text and "weights_sha256" not in text

@@ -271,6 +271,60 @@ def test_pair_summary_analytic_folding_fov_labels_and_true_error():
     assert got["n_region_voxels"] == std.size
 
 
+def test_local_ncc_is_one_for_an_affine_intensity_change_minus_one_inverted_zero_where_constant():
+    from equiqc.pipeline.scores import lncc_window, local_ncc
+
+    image = torch.as_tensor(np.random.default_rng(0).random((9, 10, 8)), dtype=torch.float32)
+    assert torch.allclose(local_ncc(image, 3 * image + 2, 3), torch.ones(()).double(), atol=1e-5)
+    assert torch.allclose(local_ncc(image, -image, 5), -torch.ones(()).double(), atol=1e-5)
+    assert float(local_ncc(image, torch.ones_like(image), 3).abs().max()) == 0.0
+    assert abs(float(local_ncc(image, torch.rand(image.shape), 5).mean())) < 0.2
+    assert lncc_window(np.diag([2.0, 2.0, 2.0, 1.0])) == 5 and lncc_window(np.eye(4)) == 9
+    assert lncc_window(np.diag([4.0, 4.0, 4.0, 1.0])) == 3
+
+
+def test_deformation_summaries_of_a_translation_a_scaling_and_a_bump():
+    shape = (12, 10, 9)
+    std = np.ones(shape)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    identity = T.identity_grid(shape, torch.float64)[0].numpy()
+    shifted = identity + np.array([1.5, -2.0, 0.0])[:, None, None, None]  # 3 mm and 4 mm: 5 mm everywhere
+    got = pair_summary(_result(std, shifted), affine)
+    assert got["deformation_mean_mm"] == pytest.approx(5.0, rel=1e-5)
+    assert got["nonlinear_mean_mm"] == pytest.approx(0.0, abs=1e-4)  # an affine map has no nonlinear part
+    assert got["log_jacobian_sd"] == pytest.approx(0.0, abs=1e-6)
+    scaled = identity * 1.1
+    assert pair_summary(_result(std, scaled), affine)["nonlinear_mean_mm"] == pytest.approx(0.0, abs=1e-4)
+    bump = identity.copy()
+    bump[0, 4:8, 3:7, 3:6] += 1.0  # a block moved by one voxel (2 mm): a nonlinear deformation
+    got = pair_summary(_result(std, bump), affine)
+    assert got["nonlinear_mean_mm"] > 0.1 and got["log_jacobian_sd"] > 0.1
+    image = np.random.default_rng(2).random(shape).astype(np.float32)
+    same = pair_summary(_result(std), affine, source=image, target=image)
+    assert same["similarity_lncc"] == pytest.approx(1.0, abs=1e-5)
+    noise = pair_summary(_result(std), affine, source=image, target=np.random.default_rng(3).random(shape))
+    assert noise["similarity_lncc"] < 0.3
+    other_grid = pair_summary(_result(std, shifted), affine, target_affine=np.diag([2.0, 2.0, 2.0, 1.0]) @ np.array(
+        [[1, 0, 0, 1.5], [0, 1, 0, -2.0], [0, 0, 1, 0], [0, 0, 0, 1]]))  # the target grid itself moved the same way
+    assert other_grid["deformation_mean_mm"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("failing", ["similarity", "outlier"])
+def test_robust_fences_keep_working_with_40_percent_failures(failing):
+    rng = np.random.default_rng(0)
+    good = [row(f"g{i}", p95=2.0 + 0.2 * rng.random(), similarity_ncc=0.85 + 0.03 * rng.random()) for i in range(12)]
+    bad = [row(f"b{i}", p95=(12.0 + rng.random()) if failing == "outlier" else 2.0 + 0.2 * rng.random(),
+               similarity_ncc=(0.2 + 0.1 * rng.random()) if failing == "similarity" else 0.85) for i in range(8)]
+    rows = decide([*good, *bad])  # 8 of 20 fail: a Tukey fence's quartile lies among them
+    reasons = {r["pair_id"]: r["flag_reasons"] for r in rows}
+    assert all(reasons[r["pair_id"]] == [failing] for r in bad)
+    assert not any(reasons[r["pair_id"]] for r in good)
+    values = np.array([r["similarity_ncc"] if failing == "similarity" else -np.log(r["uncertainty_p95_mm"] + 0.1)
+                       for r in rows])
+    q1, q3 = np.percentile(values, [25, 75])
+    assert not any(v < q1 - 1.5 * (q3 - q1) for v in values[len(good):])  # what the quartiles' fence missed
+
+
 @pytest.mark.gpu
 def test_pair_summary_on_a_gpu_equals_the_cpu():
     if not torch.cuda.is_available():

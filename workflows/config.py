@@ -89,7 +89,8 @@ class RunConfig:
                                cli=(RUN,))
     folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
     noise_floor_mm: float = _opt(0.1, "added to the p95 spread before the cohort's log-scale context", min=0.001)
-    fence_iqr: float = _opt(1.5, "outlier fence: Q3 + this many IQRs of the cohort's log p95 spread", min=0)
+    fence_mad: float = _opt(3.5, "cohort fences (reasons 'outlier', 'similarity'): median +- this many robust sds "
+                            "(1.4826 MAD) of the cohort's log p95 spread and similarity", min=0)
     fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
                                 "flagged (reason 'fov')", min=0, max=1)
     # 1 mm: on the ANTs validation cohort (docs/models/ants.md) a pair's own transform file deviated 0.04-0.75 mm
@@ -119,7 +120,7 @@ class RunConfig:
         from equiqc.pipeline.decision import DecisionRules
 
         return DecisionRules(tolerance_mm=self.tolerance_mm, folding_threshold=self.folding_threshold,
-                             noise_floor_mm=self.noise_floor_mm, fence_iqr=self.fence_iqr,
+                             noise_floor_mm=self.noise_floor_mm, fence_mad=self.fence_mad,
                              fov_threshold=self.fov_threshold, deviation_mm=self.deviation_mm)
 
     def estimator_config(self):

@@ -94,7 +94,25 @@ def summarise(result: UncertaintyResult, stored: dict, config: RunConfig, device
     region = pick("target_mask")
     return pair_summary(result, src.affine, None if region is None else region > 0, pick("target_labels"),
                         pick("ground_truth"), source_shape=src.data.shape, source=src.data, target=tgt.data,
-                        label_names={int(k): str(v) for k, v in config.label_names.items()}, device=device)
+                        label_names={int(k): str(v) for k, v in config.label_names.items()},
+                        target_affine=tgt.affine, device=device)
+
+
+VOXEL_MODEL_KEY = "voxel_model"  # in the tasks' config record: the calibration's voxel model (not a RunConfig field:
+# it comes with the calibration the run chose, and does not key the results)
+
+
+def error_map(result: UncertaintyResult, stored: dict, model: dict) -> np.ndarray:
+    """The pair's ``error_mm`` (target grid, mm; NaN where ``std_mm`` is) from a voxel model's record
+    (:mod:`equiqc.pipeline.voxel_error`), over the target mask (else every voxel with a spread) for the affine fit
+    of the deformation's nonlinear part."""
+    from equiqc.pipeline.voxel_error import VoxelErrorModel, voxel_features
+
+    src, tgt = stored["source"], stored["target"]
+    valid = np.isfinite(result.std_mm)
+    region = valid & (stored["target_mask"].data > 0) if "target_mask" in stored else valid
+    maps = voxel_features(result.std_mm, result.prediction_map, src.data, tgt.data, src.affine, tgt.affine, region)
+    return np.where(valid, VoxelErrorModel.from_dict(model).predict(maps), np.nan).astype(np.float32)
 
 
 def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, config: RunConfig) -> dict | None:
@@ -178,10 +196,13 @@ def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict
         start = time.perf_counter()
         summary = estimated.summary if estimated.summary is not None else summarise(result, stored, config)
         runtime = estimated.seconds + time.perf_counter() - start
+        voxel_model = config_dict.get(VOXEL_MODEL_KEY)
         extra = {"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
-                 "timings_s": result.timings_s, "source_affine": stored["source"].affine.tolist()}
+                 "timings_s": result.timings_s, "source_affine": stored["source"].affine.tolist(),
+                 **({"error_mm_model": voxel_model} if voxel_model else {})}
+        arrays = {"error_mm": error_map(result, stored, voxel_model)} if voxel_model else None
         R.write_result(results_root, outcome.pair_id, result, stored["target"].affine, config.result_key(),
-                       outcome.input_hash, extra=extra, overwrite=config.overwrite, level=config.store)
+                       outcome.input_hash, extra=extra, overwrite=config.overwrite, level=config.store, arrays=arrays)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception:
         return _failed(outcome, row, results_root, config.result_key())
