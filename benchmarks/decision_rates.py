@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from equiqc.pipeline.calibration import TARGET, Calibration, apply_calibration
+from equiqc.pipeline.calibration import TARGET, apply_calibration, calibration_from_dict
 from equiqc.pipeline.decision import decide
 from equiqc.storage.calibration import read_calibration
 from equiqc.workflows.config import RunConfig
@@ -60,7 +60,7 @@ def stored_rows(folder: Path, pair_ids: set[str] | None = None) -> list[dict]:
     return [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in frame.to_dict("records")]
 
 
-def measure(good: list[dict], failures: list[dict], calibration: Calibration, config: RunConfig, draws: int,
+def measure(good: list[dict], failures: list[dict], calibration, config: RunConfig, draws: int,
             seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     table = []
@@ -111,7 +111,10 @@ def main() -> None:
     args = parser.parse_args()
 
     record = read_calibration(args.calibration)
-    calibration = Calibration.from_dict(record["calibration"])
+    calibration = calibration_from_dict(record["calibration"])
+    if not args.good_run and "held_out" not in record:
+        parser.error(f"{args.calibration} has no held-out pairs (a family calibration: every pair fitted it); give "
+                     "--good-run, or measure it on held-out families with benchmarks/shift_decisions.py")
     config = config_of(record["setting"], args.calibration, args.batch_size, args.workers)
     template = record["cohort"]["template"]
     atlas = template if template in ("mni", "multipropreg") else Path(template)

@@ -6,11 +6,14 @@ A calibration file (``equiqc calibrate --out calib.json``) holds:
 * ``setting``: what the mapping is valid for (model, weights checksum, model options, method, perturbation,
   K, draws): a run uses a calibration only when its own setting is identical
   (:func:`equiqc.workflows.config.RunConfig.calibration_setting`);
-* ``calibration``: the fitted mapping (:class:`equiqc.pipeline.calibration.Calibration`, mm);
-* ``held_out``: its coverage measured on held-out pairs of the calibration cohort (``n``, ``covered``,
-  ``coverage``, a 95 % Clopper-Pearson interval, the mean absolute error of ``expected_error_mm``);
-* ``cohort``: how the calibration cohort was built (template, pairs, seed, strength range), the equiqc version
-  and the creation time.
+* ``calibration``: the fitted mapping (:func:`equiqc.pipeline.calibration.calibration_from_dict`: features and
+  weights, conformal offset, feature ranges; in format 1 the spread-only jackknife+ mapping);
+* ``leave_one_family_out`` (format 2): per generator family, the bound's coverage when the whole procedure is
+  fitted on the other families (``n``, ``covered``, ``coverage``, a 95 % Clopper-Pearson interval, pairs in
+  range, the mean absolute error of ``expected_error_mm``); ``held_out`` (format 1): the same on random
+  held-out pairs;
+* ``cohort``: how the calibration cohort was built (template, families and their ranges, strengths, intensity
+  changes, pairs, seed), the equiqc version and the creation time.
 
 Shipped calibrations live in the package (``equiqc/pipeline/backends/calibrations/<model>.json``), one per
 built-in model at its default setting.
@@ -25,7 +28,8 @@ from pathlib import Path
 from equiqc.errors import UserError
 from equiqc.storage.atomic import write_text_atomic
 
-FORMAT = "equiqc-calibration/1"
+FORMAT = "equiqc-calibration/2"  # written; /1 (the spread-only mapping, no families) is still read
+READABLE = ("equiqc-calibration/1", FORMAT)
 REQUIRED = ("format", "setting", "calibration")
 
 
@@ -50,9 +54,9 @@ def read_calibration(path: str | Path) -> dict:
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
         raise CalibrationError(f"{path}: not an equiqc calibration (needs keys {', '.join(REQUIRED)}; "
                                "make one with `equiqc calibrate`)")
-    if record["format"] != FORMAT:
-        raise CalibrationError(f"{path}: calibration format {record['format']!r}; this equiqc reads {FORMAT!r} "
-                               "(re-run `equiqc calibrate`)")
+    if record["format"] not in READABLE:
+        raise CalibrationError(f"{path}: calibration format {record['format']!r}; this equiqc reads "
+                               f"{' and '.join(map(repr, READABLE))} (re-run `equiqc calibrate`)")
     return record
 
 

@@ -1,7 +1,8 @@
 """The decision files of a run folder, as TSV for R, shell and BIDS tools, and the people's ratings.
 
 * ``DIR/decisions.tsv``: one row per pair: ``pair_id subject_id session risk_score expected_error_mm
-  expected_error_upper_mm transform_deviation_mean_mm transform_deviation_p95_mm flag_reasons rating exclude``
+  expected_error_upper_mm calibration_in_range transform_deviation_mean_mm transform_deviation_p95_mm flag_reasons
+  rating exclude``
   (the deviations: empty unless the pair's registration was given as a transform file; ``flag_reasons``
   comma-separated from :data:`equiqc.pipeline.decision.REASONS`, empty when none; ``rating`` empty when nobody
   rated the pair; ``exclude`` ``true``/``false``).
@@ -30,8 +31,8 @@ from equiqc.storage.atomic import atomic_path, write_text_atomic
 RATINGS = ("include", "exclude", "unsure")
 RATING_COLUMNS = ("pair_id", "rating", "rater", "note")
 DECISION_COLUMNS = ("pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
-                    "expected_error_upper_mm", "transform_deviation_mean_mm", "transform_deviation_p95_mm",
-                    "flag_reasons", "rating", "exclude")
+                    "expected_error_upper_mm", "calibration_in_range", "transform_deviation_mean_mm",
+                    "transform_deviation_p95_mm", "flag_reasons", "rating", "exclude")
 EXCLUDE_COLUMNS = ("pair_id", "subject_id", "session", "flag_reasons", "rating")
 
 
@@ -99,6 +100,7 @@ def decision_table(rows: list[dict], ratings: pd.DataFrame, sessions: dict[str, 
                         "session": sessions.get(r["pair_id"]) or None,  # written n/a (BIDS)
                         "risk_score": r.get("risk_score"), "expected_error_mm": r.get("expected_error_mm"),
                         "expected_error_upper_mm": r.get("expected_error_upper_mm"),
+                        "calibration_in_range": {True: "true", False: "false"}.get(r.get("calibration_in_range")),
                         **{k: r.get(k) for k in DEVIATION_KEYS},
                         "flag_reasons": ",".join(r.get("flag_reasons") or []), "rating": given,
                         "exclude": "true" if exclude else "false"})
@@ -115,7 +117,11 @@ COLUMN_DESCRIPTIONS = {
     "expected_error_mm": {"Description": "calibrated expected mean registration error over the evaluation region; "
                                          "n/a without a calibration", "Units": "mm"},
     "expected_error_upper_mm": {"Description": "upper bound of the expected error at the calibration's stated "
-                                               "coverage (jackknife+); n/a without a calibration", "Units": "mm"},
+                                               "coverage; n/a without a calibration", "Units": "mm"},
+    "calibration_in_range": {"Description": "the pair's calibration features lie within the calibration data's "
+                                            "range; outside it the bound is widened (docs/calibration.md); n/a "
+                                            "without a calibration", "Levels": {"true": "in range",
+                                                                               "false": "outside the range"}},
     "transform_deviation_mean_mm": {"Description": "for a pair given its registration as a transform file: mean "
                                                    "distance over the evaluation region between it and the mean of "
                                                    "the perturbed registrations; n/a otherwise", "Units": "mm"},

@@ -8,6 +8,8 @@ in ``.bidsignore``)::
     OUT/report.html
     OUT/sub-XX/[ses-YY/]anat/
         <entities>_space-<target>_desc-uncertainty_stdmm.nii.gz   std_mm on the target's own grid (+ .json)
+        <entities>_space-<target>_desc-uncertainty_errormm.nii.gz error_mm, the calibrated per-voxel error
+                                                                   estimate, when the run made one (+ .json)
         <entities>_from-<suffix>_to-<target>_mode-image_xfm.nii.gz the checked registration, an ITK/ANTs
                                                                    displacement field (+ .json)
 
@@ -23,9 +25,11 @@ from pathlib import Path
 import equiqc
 from equiqc.storage.atomic import write_text_atomic
 from equiqc.storage.export import export_array
+from equiqc.storage.results import ResultNotFound
 from equiqc.storage.run_folder import COHORT, RESULTS, RUN_RECORD
 
 BIDS_VERSION = "1.10.0"
+OPTIONAL = ("error_mm",)  # written when the run stored it
 IGNORED = (f"{COHORT}/", f"{RESULTS}/", "crash/", "logs/", RUN_RECORD, "report.parquet", "subjects.parquet",
            "equiqc.log", "manifest.tsv", "ratings.tsv", ".equiqc-locks/", "report.html")
 
@@ -45,18 +49,24 @@ def pair_files(out: str | Path, stem: str, subject: str, session: str, space: st
     """Where one pair's derivative files go (see module docstring): ``{"std_mm": ..., "prediction_map": ...}``."""
     folder = Path(out) / subject / (f"ses-{session}" if session else "") / "anat"
     return {"std_mm": folder / f"{stem}_space-{space}_desc-uncertainty_stdmm.nii.gz",
+            "error_mm": folder / f"{stem}_space-{space}_desc-uncertainty_errormm.nii.gz",
             "prediction_map": folder / f"{stem}_from-{suffix}_to-{space}_mode-image_xfm.nii.gz"}
 
 
 def write_pair_derivatives(out: str | Path, results: str | Path, cohort: str | Path, pair_id: str,
                            files: dict[str, Path], about: dict) -> list[Path]:
-    """Export a complete pair's ``std_mm`` and prediction into ``files`` with a JSON sidecar each; ``about``
+    """Export a complete pair's ``std_mm``, ``error_mm`` (when stored) and prediction into ``files`` with a JSON
+    sidecar each; ``about``
     (model, perturbation, K, sources...) goes into every sidecar."""
     meaning = {
         "std_mm": {"Description": "Registration uncertainty: per-voxel spread (square root of the trace of the "
                                   "covariance) of the model's predictions for perturbed copies of the source, "
                                   "composed back (transformation-equivariance). Target grid and header.",
                    "Units": "mm"},
+        "error_mm": {"Description": "Calibrated per-voxel estimate of the registration's error: the spread, the "
+                                    "local mismatch of the registered images and the deformation's nonlinear part, "
+                                    "combined by a model fitted on synthetic pairs with known maps "
+                                    "(equiqc.pipeline.voxel_error). Target grid and header.", "Units": "mm"},
         "prediction_map": {"Description": "The registration checked: the model's unperturbed prediction as an ITK "
                                           "displacement field on the target grid (LPS mm; antsApplyTransforms -t, "
                                           "SimpleITK DisplacementFieldTransform).",
@@ -64,7 +74,12 @@ def write_pair_derivatives(out: str | Path, results: str | Path, cohort: str | P
     }
     written = []
     for name, path in files.items():
-        export_array(results, cohort, pair_id, name, path)
+        try:
+            export_array(results, cohort, pair_id, name, path)
+        except ResultNotFound:
+            if name in OPTIONAL:
+                continue
+            raise
         sidecar = path.with_name(path.name.removesuffix(".nii.gz") + ".json")
         write_text_atomic(sidecar, json.dumps({**meaning[name], **about}, indent=2, default=str) + "\n")
         written += [path, sidecar]

@@ -9,6 +9,8 @@ zstd level 1 with byte shuffle, :data:`equiqc.storage.results.COMPRESSOR`; ``ben
   displacement in source voxels (1.03x; float16 rounds it by at most 0.002 voxel, 0.004 mm at 2 mm, far
   below any use: export as an ITK transform, report figures; folding is computed before storage, in float32):
   1.79x;
+* every level: ``error_mm`` (float32, the calibrated per-voxel error estimate) when the run's calibration
+  carries a voxel model (the shipped ``default`` one does), about as large as ``std_mm``;
 * ``full``: every array (``covariance_mm2``, ``mean_map``, the exact float32 ``prediction_map``, the
   variance split of stochastic models): for research.
 """
@@ -16,9 +18,9 @@ zstd level 1 with byte shuffle, :data:`equiqc.storage.results.COMPRESSOR`; ``ben
 from __future__ import annotations
 
 STORE_LEVELS: dict[str, tuple[str, ...]] = {
-    "minimal": ("std_mm", "n_valid"),
-    "standard": ("std_mm", "n_valid", "prediction_displacement"),
-    "full": ("std_mm", "n_valid", "covariance_mm2", "intrinsic_spread_mm2", "bias_jitter_mm2", "mean_map",
+    "minimal": ("std_mm", "n_valid", "error_mm"),
+    "standard": ("std_mm", "n_valid", "error_mm", "prediction_displacement"),
+    "full": ("std_mm", "n_valid", "error_mm", "covariance_mm2", "intrinsic_spread_mm2", "bias_jitter_mm2", "mean_map",
              "prediction_map"),
 }
 DEFAULT_LEVEL = "standard"

@@ -4,6 +4,8 @@ Arrays (target grid, RAS+ array order, dims named); which are stored depends on 
 (``--store``, :mod:`equiqc.storage.levels`):
 
 * ``std_mm`` ``(x, y, z)`` mm; ``n_valid`` ``(x, y, z)`` count (uint16);
+* ``error_mm`` ``(x, y, z)`` mm: the calibrated per-voxel error estimate (:mod:`equiqc.pipeline.voxel_error`), at
+  every level, when the run's calibration carries a voxel model;
 * ``prediction_displacement`` ``(axis, x, y, z)``: the unperturbed prediction minus identity, source voxels,
   float16 (``standard``); :func:`read_array` of ``prediction_map`` rebuilds the map from it;
 * ``covariance_mm2`` ``(component, x, y, z)`` mm^2, components ``xx yy zz xy xz yz`` (source world axes);
@@ -49,10 +51,12 @@ if TYPE_CHECKING:  # writing takes an estimate; reading results (open_pair) must
 
 MARKER = "equiqc_complete"
 AXES = ("x", "y", "z")
+ARRAYS_BESIDE = ("error_mm",)  # computed from the result and a calibration, not held by the result itself
 COMPONENT_NAMES = {(0, 0): "xx", (1, 1): "yy", (2, 2): "zz", (0, 1): "xy", (0, 2): "xz", (1, 2): "yz"}
 ARRAYS = {  # name -> (leading dim or None, CF/UDUNITS units, long_name)
     "std_mm": (None, "mm", "registration uncertainty: per-voxel spread of the composed predictions"),
     "n_valid": (None, "1", "number of perturbed predictions valid at the voxel"),
+    "error_mm": (None, "mm", "calibrated per-voxel estimate of the prediction's error (equiqc.pipeline.voxel_error)"),
     "covariance_mm2": ("component", "mm2", "covariance of the composed predictions (source world axes)"),
     "intrinsic_spread_mm2": ("component", "mm2", "covariance of a stochastic model's draws (source world axes)"),
     "bias_jitter_mm2": ("component", "mm2", "covariance of the per-perturbation mean draws (source world axes)"),
@@ -186,9 +190,11 @@ def _stored(result: UncertaintyResult, name: str) -> np.ndarray | None:
 
 def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, target_affine: np.ndarray,
                  config: dict, input_hash: str | None = None, extra: dict | None = None,
-                 overwrite: bool = False, level: str = DEFAULT_LEVEL) -> None:
+                 overwrite: bool = False, level: str = DEFAULT_LEVEL,
+                 arrays: dict[str, np.ndarray] | None = None) -> None:
     """Write a pair's arrays of storage ``level`` (:data:`~equiqc.storage.levels.STORE_LEVELS`), then its
-    completion marker ``{"config", "input_hash", "store", **extra}``.
+    completion marker ``{"config", "input_hash", "store", **extra}``. ``arrays``: products computed beside the
+    result (``error_mm``), written when their level holds them.
 
     Refuses (``ResultConfigMismatch``) to replace a complete result of another configuration unless
     ``overwrite``. Any previous marker is removed first, so a crash mid-write leaves an incomplete pair.
@@ -211,7 +217,7 @@ def write_result(root: str | Path, pair_id: str, result: UncertaintyResult, targ
     labels = {"component": [COMPONENT_NAMES[c] for c in result.components], "axis": list(MAP_AXES[: len(spatial)])}
     for name in STORE_LEVELS[level]:
         lead, units, long_name = ARRAYS[name]
-        data = _stored(result, name)
+        data = (arrays or {}).get(name) if name in ARRAYS_BESIDE else _stored(result, name)
         if data is None:
             continue
         dims = ([lead] if lead else []) + list(AXES[: len(spatial)])
@@ -331,6 +337,8 @@ def read_array(root: str | Path, pair_id: str, name: str) -> tuple[np.ndarray, d
         arrays = [k for k, _ in group.arrays() if k not in (*AXES, "component", "axis")]
         level = (group.attrs.get(MARKER) or {}).get("store")
         hint = f" (stored at level {level!r}; --store full keeps every array)" if level else ""
+        if name in ARRAYS_BESIDE:
+            hint = " (error_mm is stored when the run's calibration has a voxel model, as `equiqc calibrate` makes)"
         raise ResultNotFound(f"pair {pair_id!r} has no array {name!r}; stored arrays: {_listing(arrays)}{hint}")
     return arr[...], {**dict(arr.attrs), "affine": group.attrs["affine"]}
 

@@ -468,7 +468,13 @@ def test_storage_levels_keep_what_they_promise(tmp_path, level):
     R.write_result(tmp_path / "r.zarr", "p", result, np.eye(4), {"k": 8}, level=level)
     group = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["p"]
     stored = {k for k, _ in group.arrays()} - {"x", "y", "z", "component", "axis"}
-    assert stored == set(STORE_LEVELS[level]) - {"intrinsic_spread_mm2", "bias_jitter_mm2"}  # not stochastic
+    # not stochastic; error_mm only when it is given (a calibration's voxel model made it)
+    assert stored == set(STORE_LEVELS[level]) - {"intrinsic_spread_mm2", "bias_jitter_mm2", "error_mm"}
+    error = RNG.random(SHAPE).astype(np.float32)
+    R.write_result(tmp_path / "e.zarr", "p", result, np.eye(4), {"k": 8}, level=level, arrays={"error_mm": error})
+    assert np.array_equal(R.read_array(tmp_path / "e.zarr", "p", "error_mm")[0], error)
+    with pytest.raises(R.ResultNotFound, match="error_mm is stored when the run's calibration has a voxel model"):
+        R.read_array(tmp_path / "r.zarr", "p", "error_mm")
     assert group["n_valid"].dtype == np.uint16 and R.read_marker(tmp_path / "r.zarr", "p")["store"] == level
     if level == "minimal":
         with pytest.raises(R.ResultNotFound, match="stored at level 'minimal'; --store full keeps every array"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from equiqc.pipeline.calibration import Calibration
+from equiqc.pipeline.calibration import Calibration, FeatureCalibration, calibration_from_dict
+from equiqc.pipeline.voxel_error import VoxelErrorModel
 from equiqc.storage.calibration import read_calibration, shipped_calibration_path
 from equiqc.storage.results import differing_keys
 from equiqc.workflows.config import ConfigError, RunConfig
@@ -19,31 +20,40 @@ NO_CALIBRATION = "none"
 
 @dataclass(frozen=True)
 class CalibrationChoice:
-    """The calibration a run uses (or None), where it came from, and one line saying so for the report."""
+    """The calibration a run uses (or None), where it came from, one line saying so for the report, and its
+    per-voxel error model (``error_mm``; None when the calibration has none)."""
 
-    calibration: Calibration | None
+    calibration: Calibration | FeatureCalibration | None
     source: str | None
     summary: str
+    voxel_model: VoxelErrorModel | None = None
 
     def to_record(self) -> dict:
         """What run.json keeps, so ``equiqc report`` applies the same mapping without the file."""
         return {"source": self.source, "summary": self.summary,
-                "calibration": self.calibration.to_dict() if self.calibration else None}
+                "calibration": self.calibration.to_dict() if self.calibration else None,
+                "voxel_model": self.voxel_model.to_dict() if self.voxel_model else None}
 
     @classmethod
     def from_record(cls, record: dict) -> CalibrationChoice:
-        mapping = record.get("calibration")
-        return cls(Calibration.from_dict(mapping) if mapping else None, record.get("source"), record["summary"])
+        mapping, voxel = record.get("calibration"), record.get("voxel_model")
+        return cls(calibration_from_dict(mapping) if mapping else None, record.get("source"), record["summary"],
+                   VoxelErrorModel.from_dict(voxel) if voxel else None)
 
 
 def _chosen(record: dict, source: str) -> CalibrationChoice:
     """The choice of a calibration file's mapping, with the line report.html shows about it."""
+    calibration = calibration_from_dict(record["calibration"])
     held = record.get("held_out") or {}
-    cal = record["calibration"]
+    lofo = record.get("leave_one_family_out") or {}
     coverage = (f"; held-out coverage {held['covered']}/{held['n']}" if held.get("n") else "")
-    return CalibrationChoice(Calibration.from_dict(cal), source,
-                             f"{source}: expected_error_upper_mm is a {cal['coverage']:.0%} upper bound (jackknife+, "
-                             f"{len(cal['loo'])} calibration pairs{coverage})")
+    if lofo:
+        coverage = "; coverage with each family left out: " + ", ".join(
+            f"{family} {v['covered']}/{v['n']}" for family, v in lofo.items())
+    voxel = record.get("voxel_model")
+    return CalibrationChoice(calibration, source, f"{source}: expected_error_upper_mm is a "
+                             f"{calibration.describe()}{coverage}" + ("; error_mm per voxel" if voxel else ""),
+                             VoxelErrorModel.from_dict(voxel) if voxel else None)
 
 
 def choose_calibration(config: RunConfig) -> CalibrationChoice:

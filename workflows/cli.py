@@ -12,7 +12,6 @@ Building the parser imports neither torch nor Dask, so ``equiqc --help`` and ``-
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -221,15 +220,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(f"{out.stem}-cohort")
-    record = calibrate(_config(args), out, work, pairs=args.pairs, template=args.template,
-                       template_mask=args.template_mask, coverage=args.coverage, held_out=args.held_out,
+    record = calibrate(_config(args), out, work, pairs_per_family=args.pairs_per_family, families=args.families,
+                       template=args.template, template_mask=args.template_mask, coverage=args.coverage,
                        strength=tuple(args.strength), argv=sys.argv)
-    cal, held = record["calibration"], record["held_out"]
-    print(f"calibration: {out} ({len(cal['loo'])} pairs fitted; expected error = {math.exp(cal['intercept']):.3g} "
-          f"x (spread + {cal['floor_mm']} mm)^{cal['slope']:.2f} x {cal['smearing']:.3f})")
-    print(f"{cal['coverage']:.0%} upper bound, held-out coverage {held['covered']}/{held['n']} (95 % interval "
-          f"{held['coverage_ci95'][0]:.2f}-{held['coverage_ci95'][1]:.2f}); mean |expected - true| "
-          f"{held['mean_abs_error_of_expected_mm']:.2f} mm; cohort and its report: {work}")
+    cal = record["calibration"]
+    print(f"calibration: {out} ({cal['n']} pairs of {len(record['cohort']['families'])} families; log error = "
+          f"{cal['intercept']:.3g} + " + " + ".join(f"{w:.3g} {f}" for f, w in zip(cal["features"], cal["weights"],
+                                                                                   strict=True) if w > 0)
+          + f"; conformal offset {cal['offset']:.3f})")
+    print(f"{cal['coverage']:.0%} upper bound, coverage with each family left out of the fit:")
+    for family, v in record["leave_one_family_out"].items():
+        print(f"  {family}: {v['covered']}/{v['n']} (95 % interval {v['coverage_ci95'][0]:.2f}-"
+              f"{v['coverage_ci95'][1]:.2f}; in range {v['in_range']}/{v['n']}; mean |expected - true| "
+              f"{v['mean_abs_error_of_expected_mm']:.2f} mm)")
+    table = record["voxel_leave_one_family_out"]
+    if table:
+        print("error_mm per voxel, each family left out (median voxel Spearman with the true error):")
+        for family in dict.fromkeys(line["family"] for line in table):
+            rho = {line["predictor"]: line["spearman_median"] for line in table if line["family"] == family}
+            print(f"  {family}: " + ", ".join(f"{name} {value:.2f}" for name, value in rho.items()))
+    print(f"cohort and its report: {work}")
     return 0
 
 
@@ -331,10 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pair", action="append", help="a pair id (repeat the option for several)")
     which.add_argument("--all", action="store_true", help="every pair with a complete result")
     exp.add_argument("--to", required=True, help="folder for the files")
-    exp.add_argument("--arrays", default="std_mm", help="comma-separated (std_mm,n_valid,covariance_mm2,"
+    exp.add_argument("--arrays", default="std_mm", help="comma-separated (std_mm,error_mm,n_valid,covariance_mm2,"
                      "prediction_map,mean_map); maps become ITK displacement fields (LPS mm, target grid)")
     exp.add_argument("--layout", choices=("flat", "bids"), default="flat", help="flat: <pair>_<array> files; bids: "
-                     "BIDS derivatives (std_mm and the prediction with sidecars, entities from the source file names)")
+                     "BIDS derivatives (std_mm, error_mm when stored, and the prediction with sidecars, entities "
+                     "from the source file names)")
     exp.add_argument("--transform-format", choices=("nii.gz", "h5"), default="nii.gz",
                      help="maps: 5D NIfTI (antsApplyTransforms) or an ITK .h5 transform (Slicer, ITK)")
     exp.set_defaults(func=_cmd_export)
@@ -345,20 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    cal = sub.add_parser("calibrate", help="fit a model's spread -> expected error (mm) mapping on a synthetic "
-                         "cohort with known maps (for equiqc run --calibration)")
+    cal = sub.add_parser("calibrate", help="fit a model's expected error (mm) mapping on synthetic cohorts with known "
+                         "maps from several generator families (for equiqc run --calibration)")
     cal.add_argument("--out", required=True, help="the calibration file to write (JSON)")
     cal.add_argument("--work", help="folder for the calibration cohort and its run (default: OUT's name + -cohort)")
     cal.add_argument("--template", help="template NIfTI the cohort is built from (default: the model's own atlas "
                      "for multipropreg, MNI152 2009 at 2 mm otherwise)")
     cal.add_argument("--template-mask", help="the template's evaluation region (default: voxels above 5 %% of its "
                      "maximum)")
-    cal.add_argument("--pairs", type=int, default=40, help="pairs in the calibration cohort (default 40)")
-    cal.add_argument("--held-out", type=float, default=0.3, help="fraction of pairs kept aside to measure the "
-                     "bound's coverage (default 0.3)")
+    cal.add_argument("--pairs-per-family", type=int, default=14, help="pairs of each generator family (default 14)")
+    cal.add_argument("--families", nargs="+", metavar="FAMILY", help="generator families of known maps (default: "
+                     "all of affine_velocity affine bspline local; at least two)")
     cal.add_argument("--coverage", type=float, default=0.9, help="stated coverage of the upper bound (default 0.9)")
-    cal.add_argument("--strength", type=float, nargs=2, default=(0.25, 2.0), metavar=("LO", "HI"),
-                     help="each pair's map ranges are the demo's times a factor in [LO, HI] (default 0.25 2)")
+    cal.add_argument("--strength", type=float, nargs=2, default=(0.25, 2.5), metavar=("LO", "HI"),
+                     help="each pair's map ranges are its family's times a factor in [LO, HI] (default 0.25 2.5)")
     _run_options(cal)
     cal.set_defaults(func=_cmd_calibrate)
 

@@ -36,12 +36,18 @@ from equiqc.storage.report import read_report  # noqa: E402
 from equiqc.workflows.pair_figures import draw_in_process, figure_is_current, figure_path  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "figure.dpi": 100})
-COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "uncertainty_mean_mm",
-           "uncertainty_p95_mm", "transform_deviation_p95_mm", "cohort_percentile", "frac_above_2mm",
-           "folding_fraction", "true_error_mean_mm", "runtime_s", "error", "crash_file"]
+COLUMNS = ["pair_id", "subject_id", "status", "risk_score", "flagged", "flag_reasons", "rating", "expected_error_mm",
+           "expected_error_upper_mm", "calibration_in_range", "uncertainty_mean_mm", "uncertainty_p95_mm",
+           "transform_deviation_p95_mm", "cohort_percentile", "frac_above_2mm", "folding_fraction",
+           "true_error_mean_mm", "runtime_s", "error", "crash_file"]
 
-SHOWN_WHEN_SET = ("transform_deviation_p95_mm", "true_error_mean_mm")  # columns of some runs only (given transforms,
-# ground truth): left out of the table when no pair has a value
+SHOWN_WHEN_SET = ("transform_deviation_p95_mm", "true_error_mean_mm", "expected_error_mm", "expected_error_upper_mm",
+                  "calibration_in_range")  # columns of some runs only (given transforms, ground truth, a
+# calibration): left out of the table when no pair has a value
+OUT_OF_RANGE_NOTE = ("{n} of the pairs lie outside the calibration data's range (column calibration_in_range = "
+                     "false): the calibration saw no pair like them, so their upper bound is widened by a stated rule "
+                     "(features below the range raised to its minimum, the conformal offset grown by its own size; "
+                     "docs/calibration.md). Read their expected error as an extrapolation and look at them.")
 
 
 def _png_bytes(fig, **kwargs) -> bytes:
@@ -155,9 +161,15 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         table = (f"<table class='small'><tr><th>structure</th><th>mean std_mm</th></tr>{structures}</table>"
                  if structures else "")
         flag = f" <span class='flag'>flagged: {html.escape(str(row.flag_reasons))}</span>" if row.flagged else ""
+        expected = ""
+        if "expected_error_mm" in row and pd.notna(row.expected_error_mm):
+            expected = (f"; expected error {_fmt(row.expected_error_mm)} mm, upper bound "
+                        f"{_fmt(row.expected_error_upper_mm)} mm"
+                        + (" (outside the calibration's range: widened)" if row.get("calibration_in_range") is False
+                           else ""))
         sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
-                        f"p95 {_fmt(row.uncertainty_p95_mm)} mm</p><img alt='{html.escape(pid)} slices' "
+                        f"p95 {_fmt(row.uncertainty_p95_mm)} mm{expected}</p><img alt='{html.escape(pid)} slices' "
                         f"loading='lazy' {_shown_size(out_dir / figure_path(pid))} "
                         f"src='{html.escape(quote(figure_path(pid)))}'>{table}")
     if beyond:
@@ -176,9 +188,11 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         reasons += f"<li>... and {len(failed) - MAX_LISTED_FAILURES} more (filter the table by status)</li>"
     summary = {"pairs": len(frame), "completed": len(done), "failed": len(failed), "flagged": int(done.flagged.sum()),
                **meta}
+    outside = int((done["calibration_in_range"] == False).sum()) if "calibration_in_range" in done else 0  # noqa: E712
+    notes = f"<p class='note'>{html.escape(OUT_OF_RANGE_NOTE.format(n=outside))}</p>" if outside else ""
     page = TEMPLATE.format(
         summary="".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in summary.items()),
-        reasons=f"<ul>{reasons}</ul>" if reasons else "",
+        reasons=(f"<ul>{reasons}</ul>" if reasons else "") + notes,
         hist=f"<img alt='risk histogram' src='{risk_histogram(frame)}'>",
         scatter=f"<img alt='uncertainty vs true error' src='{scatter}'>" if scatter else "",
         head=head, body=body, sections="".join(sections), data=html.escape(json.dumps(chosen)),

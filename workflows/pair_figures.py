@@ -1,7 +1,8 @@
 """The pair figure of the HTML report: ``DIR/figures/<pair_id>.png``, drawn from a pair's stores with Pillow.
 
 Three orthogonal slices through the region of highest uncertainty: the target, the warped source as a
-checkerboard with the target, and the ``std_mm`` heat map (colour bar in mm). Drawn where the pairs were computed
+checkerboard with the target, the ``std_mm`` heat map and, when the run's calibration made one, the ``error_mm``
+heat map (one colour bar in mm for both). Drawn where the pairs were computed
 (a run draws them on its cluster's workers, in parallel, before the cluster closes; ``equiqc report`` draws those
 missing or older than their pair's result in its own process). A module of its own so that a worker drawing
 figures imports neither matplotlib's pyplot nor the report page's table and decision code (2-3 s of imports per
@@ -69,15 +70,23 @@ def pair_figure(results_root: Path, cohort_root: Path, pair_id: str) -> bytes:
     shown = np.where(region, std, np.nan)
     smooth = uniform_filter(np.nan_to_num(shown, nan=0.0), size=5)
     centre = np.unravel_index(int(np.argmax(smooth)), std.shape)
-    vmax = max(float(np.nanpercentile(shown, 99)) if region.any() else 1.0, 1e-6)
-    # coloured plane by plane, not as whole volumes; in the std_mm row, voxels outside the region show the anatomy
-    # dimmed
+    heats = {"std_mm": shown}
+    try:  # the calibrated per-voxel error estimate, when the run's calibration made one: a row of its own
+        heats["error_mm (calibrated estimate)"] = np.where(region, read_array(results_root, pair_id, "error_mm")[0],
+                                                           np.nan)
+    except ResultNotFound:
+        pass
+    vmax = max(max(float(np.nanpercentile(h, 99)) for h in heats.values()) if region.any() else 1.0, 1e-6)
+    # coloured plane by plane, not as whole volumes; in the heat rows, voxels outside the region show the anatomy
+    # dimmed; one colour scale (mm) for every heat row
     planes = _views(anatomy, centre)
-    heat = [np.where(np.isfinite(s)[..., None], _coloured("magma", np.nan_to_num(s) / vmax), _coloured("gray", a / 2.5))
-            for s, a in zip(_views(shown, centre), planes, strict=True)]
     rows = [("target", [_coloured("gray", a) for a in planes]),
-            (middle[0], [_coloured("gray", m) for m in _views(middle[1], centre)]), ("std_mm", heat)]
-    return _mosaic_png(pair_id, centre, rows, vmax)
+            (middle[0], [_coloured("gray", m) for m in _views(middle[1], centre)])]
+    for title, volume in heats.items():
+        rows.append((title, [np.where(np.isfinite(s)[..., None], _coloured("magma", np.nan_to_num(s) / vmax),
+                                      _coloured("gray", a / 2.5))
+                             for s, a in zip(_views(volume, centre), planes, strict=True)]))
+    return _mosaic_png(pair_id, centre, rows, vmax, ", ".join(k.split()[0] for k in heats) + " (mm)")
 
 
 # The pair figure is composed with Pillow (panels pasted at one zoom for all, nearest-neighbour, titles and the
@@ -104,8 +113,9 @@ def _coloured(name: str, values: np.ndarray) -> np.ndarray:
     return _lut(name)[np.round(np.clip(values, 0, 1) * 255).astype(np.intp)]
 
 
-def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, list[np.ndarray]]], vmax: float) -> bytes:
-    """The 3 x 3 panels (rows of RGBA uint8 slices ``(rows, columns, 4)``, origin at the bottom; columns: axial,
+def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, list[np.ndarray]]], vmax: float,
+                unit_label: str = "std_mm (mm)") -> bytes:
+    """The rows x 3 panels (rows of RGBA uint8 slices ``(rows, columns, 4)``, origin at the bottom; columns: axial,
     coronal, sagittal through ``centre``) with their titles, orientation labels and the std_mm colour bar, as PNG
     bytes ``FIGURE_WIDTH`` wide."""
     widths = [max(r[1][c].shape[1] for r in rows) for c in range(3)]
@@ -135,7 +145,7 @@ def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, lis
                           stroke_width=1, stroke_fill="black")
             x += round(widths[c] * zoom) + _GAP
         if r == len(rows) - 1:
-            _colour_bar(page, draw, (x + 4, y + line), round(heights[r] * zoom), vmax)
+            _colour_bar(page, draw, (x + 4, y + line), round(heights[r] * zoom), vmax, unit_label)
         y += line + round(heights[r] * zoom) + _GAP
     buf = io.BytesIO()
     page.save(buf, format="PNG")
@@ -143,9 +153,9 @@ def _mosaic_png(pair_id: str, centre: tuple[int, ...], rows: list[tuple[str, lis
 
 
 def _colour_bar(page: Image.Image, draw: ImageDraw.ImageDraw, corner: tuple[int, int], height: int,
-                vmax: float) -> None:
+                vmax: float, text: str = "std_mm (mm)") -> None:
     """The magma scale from 0 (bottom) to ``vmax`` mm (top), ``height`` px tall from ``corner``, with ticks at
-    matplotlib's round values and the label ``std_mm (mm)``."""
+    matplotlib's round values and the label ``text``."""
     x, y = corner
     strip = _coloured("magma", np.linspace(1, 0, max(height, 2)))[:, None].repeat(14, axis=1)
     page.paste(Image.fromarray(np.ascontiguousarray(strip), "RGBA").convert("RGB"), (x, y))
@@ -155,8 +165,8 @@ def _colour_bar(page: Image.Image, draw: ImageDraw.ImageDraw, corner: tuple[int,
             ty = y + round((height - 1) * (1 - tick / vmax))
             draw.line((x + 14, ty, x + 17, ty), fill="black")
             draw.text((x + 20, ty), f"{tick:g}", fill="black", font=_font(11), anchor="lm")
-    label = Image.new("RGB", (round(draw.textlength("std_mm (mm)", font=_font(11))) + 2, 14), "white")
-    ImageDraw.Draw(label).text((1, 7), "std_mm (mm)", fill="black", font=_font(11), anchor="lm")
+    label = Image.new("RGB", (round(draw.textlength(text, font=_font(11))) + 2, 14), "white")
+    ImageDraw.Draw(label).text((1, 7), text, fill="black", font=_font(11), anchor="lm")
     rotated = label.rotate(90, expand=True)
     page.paste(rotated, (x + 56, y + max(0, (height - rotated.height) // 2)))
 

@@ -35,6 +35,7 @@ from distributed import as_completed
 
 from equiqc.pipeline.calibration import apply_calibration
 from equiqc.pipeline.decision import decide
+from equiqc.pipeline.voxel_error import VoxelErrorModel
 from equiqc.storage import run_folder as RF
 from equiqc.storage.locks import Lease, participant_scope, shard_scope
 from equiqc.storage.manifest import PairSpec, read_manifest
@@ -45,7 +46,7 @@ from equiqc.workflows.cluster import GPU_RESOURCE, ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
-from equiqc.workflows.tasks import estimate_task, ingest_task, pairs_task, write_task
+from equiqc.workflows.tasks import VOXEL_MODEL_KEY, estimate_task, ingest_task, pairs_task, write_task
 
 
 @dataclass
@@ -182,7 +183,7 @@ def run_cohort(manifest: str | Path, out_dir: str | Path, config: RunConfig, han
             RF.write_run_record(out_dir, record)
             if handle.dashboard:
                 log(f"Dask dashboard: {handle.dashboard}")
-            rows = _execute(specs, out_dir, config, handle)
+            rows = _execute(specs, out_dir, config, handle, calibration.voxel_model)
             LOGGER.debug("phase: estimation done")
             _crash_files(rows, out_dir)
             computed = sum(1 for r in rows if r.pop("_computed", False))
@@ -290,7 +291,10 @@ def plan_run(manifest: str | Path, out_dir: str | Path, config: RunConfig,
     return "\n".join(lines)
 
 
-def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: ClusterHandle) -> list[dict]:
+def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: ClusterHandle,
+             voxel_model: VoxelErrorModel | None = None) -> list[dict]:
+    """Compute every pair on the cluster (see :mod:`equiqc.workflows.tasks` for the graph's shape); with a
+    ``voxel_model`` (the run's calibration's), each pair's ``error_mm`` is stored beside its ``std_mm``."""
     client = handle.client
     store, results = str(RF.cohort_store(out_dir)), str(RF.results_store(out_dir))
     from equiqc.storage.cohort import open_cohort
@@ -298,7 +302,7 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
 
     open_cohort(store)  # create the groups once, before workers write pairs into them
     open_results(results)
-    config_dict = config.to_dict()
+    config_dict = config.to_dict() | ({VOXEL_MODEL_KEY: voxel_model.to_dict()} if voxel_model else {})
     futures: dict = {}  # future -> the specs whose rows it returns
     if handle.gpu:
         for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
