@@ -90,6 +90,14 @@ def test_a_family_cohort_records_families_strengths_kinds_and_intensity(tmp_path
     again = build_family_cohort(tmp_path / "d", plan, seed=0, atlas=tmp_path / "t.nii.gz")  # seeded: identical
     a, b = (load_volume(p / "data" / "sub-003_T1w.nii.gz").data for p in (tmp_path / "c", tmp_path / "d"))
     assert np.array_equal(a, b) and again.truth == cohort.truth
+    other = family_plan(["affine"], 2, (0.5, 1.0), seed=0, anatomies=("template", "other"))
+    assert [p["anatomy"] for p in other] == ["template", "other"]
+    pytest.importorskip("MultiPropReg")  # the other anatomy is its adult atlas
+    build_family_cohort(tmp_path / "o", other, seed=0, atlas=tmp_path / "t.nii.gz")
+    manifest = pd.read_csv(tmp_path / "o" / "data" / "manifest.csv")
+    assert list(manifest.target) == ["atlas.nii.gz", "other_atlas.nii.gz"]
+    assert list(pd.read_csv(tmp_path / "o" / "data" / "injected.csv").anatomy) == ["template", "other"]
+    assert nib.load(tmp_path / "o" / "data" / "other_atlas_brain_mask.nii.gz").get_fdata().any()
     with pytest.raises(ValueError, match="unknown failure kind"):
         build_family_cohort(tmp_path / "e", [{"family": "affine", "strength": 1.0, "kind": "nope"}],
                             atlas=tmp_path / "t.nii.gz")

@@ -8,6 +8,8 @@ Calibrating a model (``equiqc calibrate --model M --out calib.json``):
    velocity, large affine, B-spline free-form, regional), each at a strength drawn in ``strength`` (default
    0.25-2.5x the family's listed ranges, past what a model recovers) and with its own intensity changes
    (contrast curve, bias field, noise, blur: :func:`equiqc.pipeline.synthetic.wide_intensity`), no failures;
+   every other pair on a second anatomy where one exists here (:func:`equiqc.workflows.demo.other_anatomy`:
+   MultiPropReg's adult atlas on the MNI template's grid, or the MNI template for MultiPropReg's atlas);
 2. run it through the normal pipeline (``equiqc run``: same cluster, options and stores) in a work folder;
 3. fit the feature mapping on every complete pair, its conformal offset from out-of-family residuals
    (:func:`equiqc.pipeline.calibration.fit_feature_calibration`);
@@ -93,7 +95,7 @@ def calibrate(config: RunConfig, out: str | Path, work: str | Path, pairs_per_fa
               strength: tuple[float, float] = (0.25, 2.5), handle=None, argv: list[str] | None = None) -> dict:
     """Build, run and fit a calibration cohort (see module docstring); write the calibration file ``out``."""
     from equiqc.pipeline.synthetic import FAMILIES
-    from equiqc.workflows.demo import build_family_cohort, family_plan
+    from equiqc.workflows.demo import ANATOMIES, build_family_cohort, family_plan, other_anatomy_available
     from equiqc.workflows.provenance import probe_model
     from equiqc.workflows.run import run_cohort
 
@@ -115,7 +117,11 @@ def calibrate(config: RunConfig, out: str | Path, work: str | Path, pairs_per_fa
     config = dataclasses.replace(config, weights_sha256=probe_model(config).weights_sha256)
     atlas = Path(template) if template else "multipropreg" if config.model == "multipropreg" else "mni"
     seed = config.seed
-    plan = family_plan(families, pairs_per_family, strength, seed)
+    anatomies = ("template", "other") if other_anatomy_available(atlas) else ("template",)
+    if len(anatomies) == 1:
+        LOGGER.info(f"calibration cohort on one anatomy ({atlas}): a second needs the MNI template with "
+                    "equiqc[multipropreg] installed, or MultiPropReg's atlas")
+    plan = family_plan(families, pairs_per_family, strength, seed, anatomies=anatomies)
     cohort = build_family_cohort(work, plan, seed=seed, atlas=atlas, mask=template_mask)
     LOGGER.info(f"calibration cohort: {len(plan)} pairs ({pairs_per_family} per family) from {atlas} -> "
                 f"{cohort.manifest}")
@@ -141,6 +147,7 @@ def calibrate(config: RunConfig, out: str | Path, work: str | Path, pairs_per_fa
                         for r, e in zip(rows, error, strict=True)],
               "cohort": {"template": str(atlas), "template_mask": str(template_mask) if template_mask else None,
                          "families": {f: FAMILIES[f].ranges for f in families}, "intensity": INTENSITY,
+                         "anatomies": {a: ANATOMIES[a] for a in anatomies},
                          "pairs_per_family": pairs_per_family, "pairs": len(plan), "complete": len(rows),
                          "seed": seed, "strength": list(strength), "work": str(Path(work).resolve())},
               "equiqc_version": equiqc.__version__, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

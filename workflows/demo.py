@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from equiqc.pipeline import transforms as T
-from equiqc.pipeline.scores import auroc
 from equiqc.pipeline.synthetic import (
     FAILURES,
     draw_pair_map,
@@ -182,74 +181,69 @@ def other_anatomy(atlas: str | Path, t1: np.ndarray, affine: np.ndarray) -> np.n
     return (moved / max(float(moved.max()), 1e-6) * float(t1.max())).astype(np.float32)
 
 
+ANATOMIES = {"template": "the template itself",
+             "other": "another person's brain on the template's grid (other_anatomy: MultiPropReg's adult atlas "
+                      "for the MNI template, the MNI template for MultiPropReg's)"}
+
+
+def other_anatomy_available(atlas: str | Path) -> bool:
+    """Whether :func:`other_anatomy` can give a second anatomy for ``atlas`` here (not for a template file)."""
+    from importlib.util import find_spec
+
+    return atlas == "multipropreg" or (atlas == "mni" and find_spec("MultiPropReg") is not None)
+
+
 def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas: str | Path = "mni",
                         mask: str | Path | None = None) -> DemoCohort:
     """Write a cohort of generator-family pairs (NIfTI + manifest.csv + injected.csv) under ``out/data``.
 
-    ``plan``: one dict per pair with ``family`` (:data:`equiqc.pipeline.synthetic.FAMILIES`), ``strength`` and
-    optionally ``kind`` (a failure of :data:`equiqc.pipeline.synthetic.FAILURES`, default ``good``). Every pair
-    gets :func:`equiqc.pipeline.synthetic.wide_intensity`. ``atlas``, ``mask``: as :func:`build_demo_cohort`.
+    ``plan``: one dict per pair with ``family`` (:data:`equiqc.pipeline.synthetic.FAMILIES`), ``strength``,
+    optionally ``kind`` (a failure of :data:`equiqc.pipeline.synthetic.FAILURES`, default ``good``) and
+    ``anatomy`` (:data:`ANATOMIES`: ``template``, the default, or ``other``: the pair's target and source are
+    another brain, :func:`other_anatomy`, written as ``other_atlas.nii.gz`` with its mask). Every pair gets
+    :func:`equiqc.pipeline.synthetic.wide_intensity`. ``atlas``, ``mask``: as :func:`build_demo_cohort`.
     """
     out, (t1, affine, brain, labels) = _write_atlas(out, atlas, mask)
     gen = torch.Generator().manual_seed(seed)
     other = None
     rows, injected = [], []
     for i, item in enumerate(plan):
-        kind = item.get("kind", "good")
+        kind, anatomy_name = item.get("kind", "good"), item.get("anatomy", "template")
         failure = FAILURES.get(kind) if kind != "good" else None
         if kind != "good" and failure is None:
             raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(FAILURES)}")
+        if anatomy_name not in ANATOMIES:
+            raise ValueError(f"unknown anatomy {anatomy_name!r}; known: {', '.join(ANATOMIES)}")
+        if (anatomy_name == "other" or (failure and failure.needs_other)) and other is None:
+            other = other_anatomy(atlas, t1, affine)
+            save_volume(out / "other_atlas.nii.gz", other, affine)
+            save_volume(out / "other_atlas_brain_mask.nii.gz", (other > 0.05 * other.max()).astype(np.uint8), affine)
+        base, region = (other, other > 0.05 * other.max()) if anatomy_name == "other" else (t1, brain)
         strength = float(item["strength"]) * (failure.strength if failure else 1.0)
-        fwd, inv = draw_pair_map(item["family"], t1.shape, affine, gen, strength, region=brain)
+        fwd, inv = draw_pair_map(item["family"], t1.shape, affine, gen, strength, region=region)
         if failure and failure.rotation_deg:
             fwd, inv = with_rotation(fwd, inv, t1.shape, affine, gen, failure.rotation_deg)
-        anatomy = t1
-        if failure and failure.needs_other:
-            other = other_anatomy(atlas, t1, affine) if other is None else other
-            anatomy = other
-        img = T.warp(torch.as_tensor(anatomy)[None, None], fwd.float())[0, 0].numpy()
+        moved = other if failure and failure.needs_other else base
+        img = T.warp(torch.as_tensor(moved)[None, None], fwd.float())[0, 0].numpy()
         img, drawn = wide_intensity(img, gen)
         if failure and failure.image and not failure.needs_other:
             img = failure.image(img, gen, None)
-        rows.append(_write_pair(out, f"sub-{i + 1:03d}", img, inv, affine, labels is not None))
-        injected.append({"pair_id": rows[-1]["pair_id"], "kind": kind, "family": item["family"],
-                         "strength": float(item["strength"])} | drawn)
+        row = _write_pair(out, f"sub-{i + 1:03d}", img, inv, affine, labels is not None and anatomy_name != "other")
+        if anatomy_name == "other":
+            row.update(target="other_atlas.nii.gz", target_mask="other_atlas_brain_mask.nii.gz")
+        rows.append(row)
+        injected.append({"pair_id": row["pair_id"], "kind": kind, "family": item["family"],
+                         "anatomy": anatomy_name, "strength": float(item["strength"])} | drawn)
     return _write_manifest(out, rows, injected)
 
 
 def family_plan(families, pairs_per_family: int, strength: tuple[float, float], seed: int,
-                kinds: tuple[str, ...] = ()) -> list[dict]:
+                kinds: tuple[str, ...] = (), anatomies: tuple[str, ...] = ("template",)) -> list[dict]:
     """A cohort plan: ``pairs_per_family`` good pairs of each family at strengths drawn uniformly in ``strength``
-    (seeded), then one pair of each failure kind in ``kinds`` per family (at strength 1)."""
+    (seeded), on ``anatomies`` in turn (:data:`ANATOMIES`), then one pair of each failure kind in ``kinds`` per
+    family (at strength 1, on the template)."""
     rng = np.random.default_rng(seed)
-    plan = [{"family": f, "strength": float(rng.uniform(*strength))} for f in families
-            for _ in range(pairs_per_family)]
+    plan = [{"family": f, "strength": float(rng.uniform(*strength))}
+            | ({"anatomy": anatomies[j % len(anatomies)]} if anatomies != ("template",) else {})
+            for f in families for j in range(pairs_per_family)]
     return plan + [{"family": f, "strength": 1.0, "kind": k} for f in families for k in kinds]
-
-
-def demo_summary(rows: list[dict], truth: dict[str, str]) -> dict:
-    """How well the run separated the injected failures, and how uncertainty tracked true error."""
-    done = [r for r in rows if r["status"] == "complete"]
-    risk = np.array([r["risk_score"] for r in done], float)
-    injected = np.array([truth[r["pair_id"]] != "good" for r in done])
-    out = {"pairs": len(rows), "complete": len(done), "failed": len(rows) - len(done),
-           "flagged": sum(bool(r.get("flagged")) for r in done),
-           "injected": int(sum(k != "good" for k in truth.values())),
-           "auroc_injected": auroc(risk, injected),
-           "flagged_injected": sum(bool(r.get("flagged")) for r, bad in zip(done, injected, strict=True) if bad),
-           "flagged_good": sum(bool(r.get("flagged")) for r, bad in zip(done, injected, strict=True) if not bad)}
-    for kind in FAILURE_KINDS:
-        sel = np.array([truth[r["pair_id"]] in (kind, "good") for r in done])
-        if sel.any() and (injected & sel).any():
-            out[f"auroc_{kind}"] = auroc(risk[sel], injected[sel])
-    unc = np.array([r.get("uncertainty_mean_mm", np.nan) for r in done], float)
-    err = np.array([r.get("true_error_mean_mm", np.nan) for r in done], float)
-    ok = np.isfinite(unc) & np.isfinite(err)
-    if ok.sum() >= 3:
-        from equiqc.pipeline.scores import spearman
-
-        out["pair_spearman_uncertainty_vs_error"] = spearman(unc[ok], err[ok])
-    vox = np.array([r.get("voxel_spearman_std_error", np.nan) for r in done], float)
-    if np.isfinite(vox).any():
-        out["voxel_spearman_median"] = float(np.nanmedian(vox))
-    return out
