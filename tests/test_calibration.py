@@ -301,7 +301,8 @@ def test_calibrate_end_to_end_then_a_run_with_its_calibration(tmp_path, monkeypa
     assert np.allclose(outside["expected_error_mm"], wide["expected_error_mm"])  # the same line, extended
     offset = run["calibration"]["calibration"]["offset"]
     assert np.allclose(np.log(outside["expected_error_upper_mm"] / wide["expected_error_upper_mm"]), abs(offset))
-    assert "lie outside the calibration data" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "lie outside the calibration data" in page and "range: widened)" in page  # the summary, each pair
     (out / "run.json").write_text(json.dumps(run))
     del run["calibration"], run["config"]["calibration"]  # a folder from before calibrations: the report chooses
     # now, and none ships for this model

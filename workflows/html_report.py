@@ -86,6 +86,11 @@ def error_scatter(frame: pd.DataFrame) -> str | None:
 
 
 # The three planes shown, in column order, with the patient side at the image's left and right edges.
+def _is_false(value) -> bool:
+    """A nullable boolean cell that holds False (not NA, not True)."""
+    return bool(pd.notna(value)) and not bool(value)
+
+
 def _shown_size(figure: Path, width: int = 800) -> str:
     """The ``width`` and ``height`` attributes of a figure shown ``width`` px wide (its aspect kept), so the page
     keeps its layout while lazy images load; only the PNG's header is read."""
@@ -165,7 +170,7 @@ def write_html_report(out_dir: str | Path, top_n: int = 5, meta: dict | None = N
         if "expected_error_mm" in row and pd.notna(row.expected_error_mm):
             expected = (f"; expected error {_fmt(row.expected_error_mm)} mm, upper bound "
                         f"{_fmt(row.expected_error_upper_mm)} mm"
-                        + (" (outside the calibration's range: widened)" if row.get("calibration_in_range") is False
+                        + (" (outside the calibration's range: widened)" if _is_false(row.get("calibration_in_range"))
                            else ""))
         sections.append(f"<h3 id='pair-{html.escape(pid)}'>{html.escape(pid)}{flag}</h3>"
                         f"<p>risk {_fmt(row.risk_score)}, mean {_fmt(row.uncertainty_mean_mm)} mm, "
