@@ -21,10 +21,11 @@ Gaussian noise and a resolution loss (Gaussian blur), each drawn per pair; the d
 :func:`demo_intensity`.
 
 **Injected failures** (:data:`FAILURES`): a named change of a pair that makes its registration fail, either
-of the map (``extreme_deformation``: the pair's own family at 5x its strength, past what a model recovers;
-``large_rotation``: 25-40 degrees about one axis on top of the pair's map) or of the image
-(``contrast_inversion``, ``missing_slab``, ``heavy_noise``, ``other_subject``: another anatomy moved by the
-pair's map, so the true map is the intended subject's; ``corrupted``: the demo's slab plus heavy noise).
+of the map (``extreme_deformation``: a smooth 8 mm velocity field, 4x the demo's, on top of the pair's map,
+past what a model recovers; ``large_rotation``: 25-40 degrees about one axis on top of the pair's map) or of
+the image (``contrast_inversion``, ``missing_slab``, ``heavy_noise``, ``other_subject``: another person's
+brain, where its scanner put it, moved by the pair's map, so the true map is the intended subject's;
+``corrupted``: the demo's slab plus heavy noise).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from equiqc.pipeline import transforms as T
 from equiqc.pipeline.perturbations import rotation_matrices
 
 __all__ = ["FAMILIES", "FAILURES", "Family", "Failure", "draw_pair_map", "wide_intensity", "demo_intensity",
-           "subject_map", "rigidly_moved", "fixed_point_inverse"]
+           "subject_map", "rigidly_moved", "fixed_point_inverse", "with_rotation", "with_velocity"]
 
 BSPLINE_SPACINGS_MM = (15.0, 25.0, 35.0)
 
@@ -255,20 +256,23 @@ def _invert(img: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Failure:
-    """An injected failure kind: ``strength`` multiplies the pair's family strength; ``rotation_deg`` adds a
+    """An injected failure kind: ``strength`` multiplies the pair's family strength; ``velocity_mm`` adds a smooth
+    velocity field of that size (the demo's 7 x 8 x 7 grid) after the pair's map; ``rotation_deg`` adds a
     rotation about one random axis drawn in that range; ``image(img, gen, other)`` changes the subject image
     (``other``: another anatomy, moved by the pair's map, on the same grid)."""
 
     name: str
     description: str
     strength: float = 1.0
+    velocity_mm: float = 0.0
     rotation_deg: tuple[float, float] | None = None
     image: Callable[[np.ndarray, torch.Generator, np.ndarray | None], np.ndarray] | None = None
     needs_other: bool = False
 
 
 FAILURES: dict[str, Failure] = {f.name: f for f in (
-    Failure("extreme_deformation", "the pair's own family at 5x its strength (velocity ~8 mm for the demo)", 5.0),
+    Failure("extreme_deformation", "a smooth 8 mm velocity field (4x the demo's) on top of the pair's map",
+            velocity_mm=8.0),
     Failure("large_rotation", "25-40 degrees about one axis on top of the pair's map", rotation_deg=(25.0, 40.0)),
     Failure("contrast_inversion", "intensities inverted in the head (another contrast)",
             image=lambda img, gen, other: _invert(img)),
@@ -276,11 +280,20 @@ FAILURES: dict[str, Failure] = {f.name: f for f in (
             image=lambda img, gen, other: _blank_slab(img, gen)),
     Failure("heavy_noise", "Gaussian noise of 30 % of the maximum intensity",
             image=lambda img, gen, other: _noise(img, gen)),
-    Failure("other_subject", "another anatomy moved by the pair's map (a mislabelled file)",
+    Failure("other_subject", "another person's brain, where its scanner put it, moved by the pair's map (a "
+            "mislabelled file)",
             image=lambda img, gen, other: other, needs_other=True),
     Failure("corrupted", "the demo's: the first third of the second axis blanked and noise of 30 % of the maximum",
             image=lambda img, gen, other: _noise(_blank_front(img), gen)),
 )}
+
+
+def with_velocity(fwd: Tensor, inv: Tensor, shape, affine, gen: torch.Generator,
+                  velocity_mm: float) -> tuple[Tensor, Tensor]:
+    """``(fwd, inv)`` of ``a o d``: the pair's map ``a`` after a smooth deformation ``d`` (:func:`subject_map` with
+    no affine part and a velocity of ``velocity_mm``)."""
+    fwd_d, inv_d = subject_map(shape, affine, gen, rot_deg=0.0, shift_mm=0.0, scale=0.0, vel_mm=velocity_mm)
+    return T.sample_map(fwd, fwd_d), T.sample_map(inv_d, inv)
 
 
 def with_rotation(fwd: Tensor, inv: Tensor, shape, affine, gen: torch.Generator,

@@ -101,3 +101,15 @@ def test_a_family_cohort_records_families_strengths_kinds_and_intensity(tmp_path
     with pytest.raises(ValueError, match="unknown failure kind"):
         build_family_cohort(tmp_path / "e", [{"family": "affine", "strength": 1.0, "kind": "nope"}],
                             atlas=tmp_path / "t.nii.gz")
+
+
+def test_a_velocity_on_top_of_a_map_keeps_map_and_inverse_consistent():
+    from equiqc.pipeline.synthetic import with_velocity
+
+    gen = torch.Generator().manual_seed(6)
+    fwd, inv = draw_pair_map("affine", SHAPE, AFFINE, gen, 0.5)
+    fwd2, inv2 = with_velocity(fwd, inv, SHAPE, AFFINE, gen, 8.0)
+    grid = T.identity_grid(SHAPE, torch.float64)
+    centre = (slice(None), slice(None), slice(8, 22), slice(8, 26), slice(8, 20))
+    assert float(np.median(_mm(T.sample_map(fwd2, inv2) - grid)[centre[2:]])) < 0.5  # of 8 mm, 3 mm voxels
+    assert _mm(inv2 - inv)[centre[2:]].mean() > 3.0  # the velocity moved it several mm more

@@ -34,6 +34,7 @@ from equiqc.pipeline.synthetic import (
     rigidly_moved,  # noqa: F401 (tests, examples)
     wide_intensity,
     with_rotation,
+    with_velocity,
 )
 from equiqc.pipeline.synthetic import demo_intensity as _intensity  # noqa: F401 (benchmarks' name)
 from equiqc.pipeline.synthetic import subject_map as _subject_map
@@ -157,10 +158,11 @@ def _write_manifest(out: Path, rows: list[dict], injected: list[dict]) -> DemoCo
     return DemoCohort(manifest, {r["pair_id"]: r["kind"] for r in injected})
 
 
-def other_anatomy(atlas: str | Path, t1: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Another person's brain on the template's grid, for the ``other_subject`` failure: MultiPropReg's adult
-    atlas (needs ``equiqc[multipropreg]``) resampled by world coordinates, its centre of mass moved onto the
-    template's, scaled to the template's intensity range. For MultiPropReg's own atlas: the MNI152 2009 template."""
+def other_anatomy(atlas: str | Path, t1: np.ndarray, affine: np.ndarray, centred: bool = True) -> np.ndarray:
+    """Another person's brain on the template's grid: MultiPropReg's adult atlas (needs ``equiqc[multipropreg]``)
+    resampled by world coordinates, its centre of mass moved onto the template's (``centred``: a second anatomy
+    for calibration cohorts; else where its own header puts it, for the ``other_subject`` failure), scaled to the
+    template's intensity range. For MultiPropReg's own atlas: the MNI152 2009 template."""
     from equiqc.errors import require
 
     if atlas == "multipropreg":
@@ -175,7 +177,8 @@ def other_anatomy(atlas: str | Path, t1: np.ndarray, affine: np.ndarray) -> np.n
         return (a @ np.r_[np.argwhere(x > 0.1 * x.max()).mean(0), 1.0])[:3]
 
     m = np.linalg.inv(other_affine) @ affine
-    m[:3, 3] += np.linalg.inv(other_affine)[:3, :3] @ (centre_mm(other, other_affine) - centre_mm(t1, affine))
+    if centred:
+        m[:3, 3] += np.linalg.inv(other_affine)[:3, :3] @ (centre_mm(other, other_affine) - centre_mm(t1, affine))
     phi = T.affine_map(torch.as_tensor(m), t1.shape, torch.float64)
     moved = T.warp(torch.as_tensor(other, dtype=torch.float32)[None, None], phi.float())[0, 0].numpy()
     return (moved / max(float(moved.max()), 1e-6) * float(t1.max())).astype(np.float32)
@@ -205,7 +208,7 @@ def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas:
     """
     out, (t1, affine, brain, labels) = _write_atlas(out, atlas, mask)
     gen = torch.Generator().manual_seed(seed)
-    other = None
+    other = elsewhere = None  # another brain: centred (a second anatomy), where its header puts it (a failure)
     rows, injected = [], []
     for i, item in enumerate(plan):
         kind, anatomy_name = item.get("kind", "good"), item.get("anatomy", "template")
@@ -214,16 +217,20 @@ def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas:
             raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(FAILURES)}")
         if anatomy_name not in ANATOMIES:
             raise ValueError(f"unknown anatomy {anatomy_name!r}; known: {', '.join(ANATOMIES)}")
-        if (anatomy_name == "other" or (failure and failure.needs_other)) and other is None:
+        if anatomy_name == "other" and other is None:
             other = other_anatomy(atlas, t1, affine)
             save_volume(out / "other_atlas.nii.gz", other, affine)
             save_volume(out / "other_atlas_brain_mask.nii.gz", (other > 0.05 * other.max()).astype(np.uint8), affine)
+        if failure and failure.needs_other and elsewhere is None:
+            elsewhere = other_anatomy(atlas, t1, affine, centred=False)
         base, region = (other, other > 0.05 * other.max()) if anatomy_name == "other" else (t1, brain)
         strength = float(item["strength"]) * (failure.strength if failure else 1.0)
         fwd, inv = draw_pair_map(item["family"], t1.shape, affine, gen, strength, region=region)
+        if failure and failure.velocity_mm:
+            fwd, inv = with_velocity(fwd, inv, t1.shape, affine, gen, failure.velocity_mm)
         if failure and failure.rotation_deg:
             fwd, inv = with_rotation(fwd, inv, t1.shape, affine, gen, failure.rotation_deg)
-        moved = other if failure and failure.needs_other else base
+        moved = elsewhere if failure and failure.needs_other else base
         img = T.warp(torch.as_tensor(moved)[None, None], fwd.float())[0, 0].numpy()
         img, drawn = wide_intensity(img, gen)
         if failure and failure.image and not failure.needs_other:
