@@ -100,7 +100,7 @@ def test_runtime_dependencies_are_used_by_the_runtime_code():
     """Every runtime dependency is imported somewhere in pipeline/, storage/ or workflows/ (pyarrow, bokeh and
     the dask core are used through pandas / distributed, and are checked by name)."""
     imports = _imports("pipeline") | _imports("storage") | _imports("workflows")
-    module_of = {"pyyaml": "yaml", "torch": "torch"}
+    module_of = {"pyyaml": "yaml", "torch": "torch", "scikit-learn": "sklearn"}
     indirect = {"bokeh", "dask"}  # the dashboard; distributed's core
     for req in PROJECT["dependencies"]:
         name = re.split(r"[<>=\[ ;]", req)[0].lower()
