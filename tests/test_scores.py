@@ -279,6 +279,13 @@ def test_local_ncc_is_one_for_an_affine_intensity_change_minus_one_inverted_zero
     assert torch.allclose(local_ncc(image, -image, 5), -torch.ones(()).double(), atol=1e-5)
     assert float(local_ncc(image, torch.ones_like(image), 3).abs().max()) == 0.0
     assert abs(float(local_ncc(image, torch.rand(image.shape), 5).mean())) < 0.2
+    a, b = (torch.as_tensor(np.random.default_rng(s).random((7, 8, 6))) for s in (1, 2))
+    brute = np.zeros(a.shape)  # the window cut at the edges, one box at a time
+    for i, j, k in np.ndindex(*a.shape):
+        box = tuple(slice(max(c - 1, 0), c + 2) for c in (i, j, k))
+        x, y = a[box].numpy().ravel(), b[box].numpy().ravel()
+        brute[i, j, k] = np.corrcoef(x, y)[0, 1]
+    np.testing.assert_allclose(local_ncc(a, b, 3).numpy(), brute, atol=1e-5)
     assert lncc_window(np.diag([2.0, 2.0, 2.0, 1.0])) == 5 and lncc_window(np.eye(4)) == 9
     assert lncc_window(np.diag([4.0, 4.0, 4.0, 1.0])) == 3
 
