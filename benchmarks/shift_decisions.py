@@ -4,7 +4,10 @@ Inputs: the work folder of ``equiqc calibrate`` (its pairs of several generator 
 naming each pair's family), one or more failure pools run with the same setting (``--failures``: folders whose
 ``data/injected.csv`` names each pair's family and failure kind, built with
 :func:`equiqc.workflows.demo.build_family_cohort`) and, with ``--good``, a pool of good pairs within the model's
-range (else the calibration's own pairs, which reach past it, are the good pairs). For each family F left out:
+range (else the calibration's own pairs, which reach past it, are the good pairs). ``--make-pools WORK
+--calibration FILE`` builds and runs them first with the calibration's setting (resumed when already there):
+``WORK/good`` (12 pairs per family at strengths 0.25-1, seed 3000) and ``WORK/failuresA``, ``WORK/failuresB``
+(each failure kind once per family, seeds 2000 and 2001); run seed 1000. For each family F left out:
 
 1. the feature calibration is fitted on the other families' good pairs exactly as ``equiqc calibrate`` fits it
    (:func:`equiqc.pipeline.calibration.fit_feature_calibration`);
@@ -20,13 +23,15 @@ range (else the calibration's own pairs, which reach past it, are the good pairs
 
 Prints the table (per rate: per kind, and good pairs; pooled over the left-out families) and writes it as JSON.
 
-    python benchmarks/shift_decisions.py --calibration-run /tmp/cal/default-28 --good /tmp/cal/good \
-        --failures /tmp/cal/failures /tmp/cal/failures2 --out docs/validation/shift_decisions_default.json
+    python benchmarks/shift_decisions.py --calibration-run /tmp/cal/default-2anat \
+        --make-pools /tmp/cal --calibration /tmp/cal/default.json --draws 300 \
+        --out docs/validation/shift_decisions_default.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,6 +43,27 @@ from equiqc.pipeline.decision import DecisionRules, decide
 from equiqc.workflows.calibrate import calibration_rows
 
 RATES = (0.0, 0.05, 0.2)
+KINDS = ("extreme_deformation", "large_rotation", "contrast_inversion", "missing_slab", "heavy_noise",
+         "other_subject")
+
+
+def make_pools(work: Path, calibration: str, families: list[str]) -> tuple[Path, list[Path]]:
+    """Build and run (or resume) the good pool and two failure pools with the calibration's setting."""
+    from decision_rates import config_of
+
+    from equiqc.storage.calibration import read_calibration
+    from equiqc.workflows.demo import build_family_cohort, family_plan
+    from equiqc.workflows.run import run_cohort
+
+    config = dataclasses.replace(config_of(read_calibration(calibration)["setting"], calibration, batch_size=1,
+                                           workers=None), seed=1000)  # the run seed of the calibration's cohort
+    pools = {"good": (family_plan(families, 12, (0.25, 1.0), 3000), 3000),
+             "failuresA": (family_plan(families, 0, (1.0, 1.0), 2000, kinds=KINDS), 2000),
+             "failuresB": (family_plan(families, 0, (1.0, 1.0), 2001, kinds=KINDS), 2001)}
+    for name, (plan, seed) in pools.items():
+        cohort = build_family_cohort(work / name, plan, seed=seed)
+        run_cohort(cohort.manifest, work / name, config)
+    return work / "good", [work / "failuresA", work / "failuresB"]
 
 
 def run_rows(folder: Path) -> list[dict]:
@@ -83,7 +109,9 @@ def measure_family(good: list[dict], failures: list[dict], calibration, rules: D
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calibration-run", required=True, help="equiqc calibrate's work folder")
-    parser.add_argument("--failures", required=True, nargs="+", help="the failure pools' run folders")
+    parser.add_argument("--failures", nargs="+", help="the failure pools' run folders")
+    parser.add_argument("--make-pools", metavar="WORK", help="build and run the good and failure pools in WORK first")
+    parser.add_argument("--calibration", help="with --make-pools: the calibration file whose setting they run with")
     parser.add_argument("--good", help="a run folder of good pairs within the model's range (default: the "
                         "calibration run's pairs)")
     parser.add_argument("--coverage", type=float, default=0.9)
@@ -95,6 +123,13 @@ def main() -> None:
     rules = DecisionRules(tolerance_mm=args.tolerance_mm)
     rng = np.random.default_rng(args.seed)
     cal_rows = run_rows(Path(args.calibration_run))
+    if args.make_pools:
+        if not args.calibration:
+            parser.error("--make-pools needs --calibration (the setting the pools run with)")
+        args.good, args.failures = make_pools(Path(args.make_pools), args.calibration,
+                                              sorted({r["family"] for r in cal_rows}))
+    if not args.failures:
+        parser.error("give --failures, or --make-pools")
     good_all = calibration_rows([r for r in cal_rows if r["kind"] == "good"],
                                 {r["pair_id"]: r["family"] for r in cal_rows})
     pool = [r for folder in args.failures for r in run_rows(Path(folder)) if r["status"] == "complete"]
