@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from equiqc.pipeline import transforms as T
+from equiqc.pipeline.scores import auroc
 from equiqc.pipeline.synthetic import (
     FAILURES,
     draw_pair_map,
@@ -254,3 +255,31 @@ def family_plan(families, pairs_per_family: int, strength: tuple[float, float], 
             | ({"anatomy": anatomies[j % len(anatomies)]} if anatomies != ("template",) else {})
             for f in families for j in range(pairs_per_family)]
     return plan + [{"family": f, "strength": 1.0, "kind": k} for f in families for k in kinds]
+
+
+def demo_summary(rows: list[dict], truth: dict[str, str]) -> dict:
+    """How well the run separated the injected failures, and how uncertainty tracked true error."""
+    done = [r for r in rows if r["status"] == "complete"]
+    risk = np.array([r["risk_score"] for r in done], float)
+    injected = np.array([truth[r["pair_id"]] != "good" for r in done])
+    out = {"pairs": len(rows), "complete": len(done), "failed": len(rows) - len(done),
+           "flagged": sum(bool(r.get("flagged")) for r in done),
+           "injected": int(sum(k != "good" for k in truth.values())),
+           "auroc_injected": auroc(risk, injected),
+           "flagged_injected": sum(bool(r.get("flagged")) for r, bad in zip(done, injected, strict=True) if bad),
+           "flagged_good": sum(bool(r.get("flagged")) for r, bad in zip(done, injected, strict=True) if not bad)}
+    for kind in FAILURE_KINDS:
+        sel = np.array([truth[r["pair_id"]] in (kind, "good") for r in done])
+        if sel.any() and (injected & sel).any():
+            out[f"auroc_{kind}"] = auroc(risk[sel], injected[sel])
+    unc = np.array([r.get("uncertainty_mean_mm", np.nan) for r in done], float)
+    err = np.array([r.get("true_error_mean_mm", np.nan) for r in done], float)
+    ok = np.isfinite(unc) & np.isfinite(err)
+    if ok.sum() >= 3:
+        from equiqc.pipeline.scores import spearman
+
+        out["pair_spearman_uncertainty_vs_error"] = spearman(unc[ok], err[ok])
+    vox = np.array([r.get("voxel_spearman_std_error", np.nan) for r in done], float)
+    if np.isfinite(vox).any():
+        out["voxel_spearman_median"] = float(np.nanmedian(vox))
+    return out
