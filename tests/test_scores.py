@@ -153,7 +153,7 @@ def test_decision_files_rethreshold_and_ratings_that_survive(tmp_path, monkeypat
     assert main(["run", str(manifest), "--out", str(out), *args]) == 0
     decisions = pd.read_csv(out / "decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(decisions.columns) == ["pair_id", "subject_id", "session", "risk_score", "expected_error_mm",
-                                       "expected_error_upper_mm", "transform_deviation_mean_mm",
+                                       "expected_error_upper_mm", "calibration_in_range", "transform_deviation_mean_mm",
                                        "transform_deviation_p95_mm", "flag_reasons", "rating", "exclude"]
     by_id = decisions.set_index("pair_id")
     empty = "sub-001_sub-001_to_atlas"
