@@ -315,3 +315,17 @@ def test_calibrate_end_to_end_then_a_run_with_its_calibration(tmp_path, monkeypa
     assert main(["run", str(manifest), "--out", str(tmp_path / "o2"), "--calibration", str(tmp_path / "c2.json"),
                  *options[:2], "--samples", "4"]) == 2
     assert "differs in: samples" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_calibrate_refuses_too_few_families_or_pairs_before_any_work(tmp_path):
+    from equiqc.workflows.calibrate import calibrate
+
+    config = RunConfig(model=NEAR_FREE_MODEL)
+    with pytest.raises(ConfigError, match="give at least three of"):
+        calibrate(config, tmp_path / "c.json", tmp_path / "w", families=("affine", "local"))
+    with pytest.raises(ConfigError, match="unknown|give at least three"):
+        calibrate(config, tmp_path / "c.json", tmp_path / "w", families=("affine", "local", "nope"))
+    with pytest.raises(ConfigError, match="--pairs-per-family 2: .* give at least 5"):
+        calibrate(config, tmp_path / "c.json", tmp_path / "w", pairs_per_family=2, families=("affine", "local",
+                                                                                                 "bspline"))
+    assert not (tmp_path / "w").exists()

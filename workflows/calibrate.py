@@ -101,9 +101,10 @@ def calibrate(config: RunConfig, out: str | Path, work: str | Path, pairs_per_fa
 
     families = tuple(families or FAMILIES)
     unknown = [f for f in families if f not in FAMILIES]
-    if unknown or len(set(families)) < 2:
-        raise ConfigError(f"--families {' '.join(families)}: give at least two of {', '.join(FAMILIES)} (the bound "
-                          "is calibrated on residuals from families its fit has not seen)")
+    if unknown or len(set(families)) < 3:
+        raise ConfigError(f"--families {' '.join(families)}: give at least three of {', '.join(FAMILIES)} (the bound "
+                          "is calibrated on residuals from families its fit has not seen, and its coverage is "
+                          "measured on each family left out of a fit on the others)")
     if not 0 <= strength[0] <= strength[1]:
         raise ConfigError(f"--strength {strength[0]} {strength[1]}: give 0 <= LO <= HI")
     if pairs_per_family * (len(families) - 1) < len(FEATURES) + 3:

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "maximum)")
     cal.add_argument("--pairs-per-family", type=int, default=14, help="pairs of each generator family (default 14)")
     cal.add_argument("--families", nargs="+", metavar="FAMILY", help="generator families of known maps (default: "
-                     "all of affine_velocity affine bspline local; at least two)")
+                     "all of affine_velocity affine bspline local; at least three)")
     cal.add_argument("--coverage", type=float, default=0.9, help="stated coverage of the upper bound (default 0.9)")
     cal.add_argument("--strength", type=float, nargs=2, default=(0.25, 2.5), metavar=("LO", "HI"),
                      help="each pair's map ranges are its family's times a factor in [LO, HI] (default 0.25 2.5)")
