@@ -56,8 +56,7 @@ def pair_files(out: str | Path, stem: str, subject: str, session: str, space: st
 def write_pair_derivatives(out: str | Path, results: str | Path, cohort: str | Path, pair_id: str,
                            files: dict[str, Path], about: dict) -> list[Path]:
     """Export a complete pair's ``std_mm``, ``error_mm`` (when stored) and prediction into ``files`` with a JSON
-    sidecar each; ``about``
-    (model, perturbation, K, sources...) goes into every sidecar."""
+    sidecar each; ``about`` (model, perturbation, K, sources...) goes into every sidecar."""
     meaning = {
         "std_mm": {"Description": "Registration uncertainty: per-voxel spread (square root of the trace of the "
                                   "covariance) of the model's predictions for perturbed copies of the source, "

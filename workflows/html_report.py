@@ -85,12 +85,12 @@ def error_scatter(frame: pd.DataFrame) -> str | None:
     return _png(fig)
 
 
-# The three planes shown, in column order, with the patient side at the image's left and right edges.
 def _is_false(value) -> bool:
     """A nullable boolean cell that holds False (not NA, not True)."""
     return bool(pd.notna(value)) and not bool(value)
 
 
+# The three planes shown, in column order, with the patient side at the image's left and right edges.
 def _shown_size(figure: Path, width: int = 800) -> str:
     """The ``width`` and ``height`` attributes of a figure shown ``width`` px wide (its aspect kept), so the page
     keeps its layout while lazy images load; only the PNG's header is read."""
