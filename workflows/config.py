@@ -6,7 +6,7 @@ Every option is a field of :class:`RunConfig` whose type hint and ``metadata`` (
 in a YAML file is a string and is refused, not guessed.
 
 The part of the configuration that changes the numbers (model, the sha256 of its weights, method,
-perturbation, K, draws, seed, storage level, and :data:`~equiqc.pipeline.estimator.NUMERICS_VERSION`) is
+perturbation, K, draws, seed, storage level, and :data:`~equiqc.pipeline.numerics.NUMERICS_VERSION`) is
 recorded in each pair's completion marker (:meth:`RunConfig.result_key`); results of another key are never
 mixed with these.
 
