@@ -74,6 +74,9 @@ def test_a_config_file_cannot_set_internal_keys_or_be_a_list(tmp_path):
     (tmp_path / "c.yaml").write_text("weights_sha256: abc\n")
     with pytest.raises(ConfigError, match="unknown option 'weights_sha256'"):
         make_config(tmp_path / "c.yaml")
+    (tmp_path / "old.yaml").write_text("fence-iqr: 1.5\n")  # an option of an older equiqc: named, and what replaced it
+    with pytest.raises(ConfigError, match="unknown option 'fence_iqr' \\(replaced by fence_mad"):
+        make_config(tmp_path / "old.yaml")
     (tmp_path / "l.yaml").write_text("- samples\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         make_config(tmp_path / "l.yaml")

@@ -274,8 +274,13 @@ def load_config_file(path: str | Path) -> dict:
     known = {f.name for f in fields(RunConfig) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+        hint = f" ({RENAMED[unknown[0]]})" if unknown[0] in RENAMED else ""
+        raise ConfigError(f"{path}: unknown option {unknown[0]!r}{hint}; known options: {', '.join(sorted(known))}")
     return data
+
+
+RENAMED = {"fence_iqr": "replaced by fence_mad: the cohort fences are now the median +- k robust sds, k = 3.5 "
+                        "by default; a quartile fence's k does not carry over"}
 
 
 def make_config(file: str | Path | None = None, model_options: dict | None = None, **overrides) -> RunConfig:
