@@ -72,6 +72,12 @@ TARGET = "true_error_mean_mm"
 RANGE_SLACK = 0.05  # a feature within 5 % of the calibration range beyond its ends is still in range
 
 
+def in_range(x: np.ndarray, lo, hi) -> np.ndarray:
+    """Whether values lie in ``[lo, hi]`` widened by :data:`RANGE_SLACK` of its width at each end (elementwise)."""
+    slack = RANGE_SLACK * np.maximum(np.subtract(hi, lo), 1e-9)
+    return (x >= np.subtract(lo, slack)) & (x <= np.add(hi, slack))
+
+
 def _log_mm(floor: float):
     return lambda v: np.log(np.maximum(v, 0.0) + floor)
 
@@ -132,9 +138,8 @@ class FeatureCalibration:
         feature is not finite)."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         lo, hi = np.array(self.ranges, dtype=np.float64).T
-        slack = RANGE_SLACK * np.maximum(hi - lo, 1e-9)
         ok = np.isfinite(x).all(axis=1)
-        inside = ok & ((x >= lo - slack) & (x <= hi + slack)).all(axis=1)
+        inside = ok & in_range(x, lo, hi).all(axis=1)
         line = self.intercept + np.maximum(np.nan_to_num(x), lo) @ np.asarray(self.weights)
         expected = np.exp(line) * self.smearing
         upper = np.exp(line + self.offset + np.where(inside, 0.0, abs(self.offset)))
@@ -258,9 +263,7 @@ class Calibration:
         """``(expected, upper, in_range)`` of report rows: in range when the spread lies in the calibration's."""
         spread = np.array([_number(r.get(FEATURE)) for r in rows], dtype=np.float64)
         expected, upper = self.predict(spread)
-        lo, hi = self.feature_range_mm
-        slack = RANGE_SLACK * (hi - lo)
-        return expected, upper, np.isfinite(spread) & (spread >= lo - slack) & (spread <= hi + slack)
+        return expected, upper, np.isfinite(spread) & in_range(spread, *self.feature_range_mm)
 
     def describe(self) -> str:
         return f"{self.coverage:.0%} upper bound (jackknife+ on the spread, {self.n} calibration pairs)"

@@ -47,19 +47,20 @@ def _select(values: Tensor, region: Tensor) -> Tensor:
     return values.flatten().index_select(0, region) if region.dtype == torch.long else values[region]
 
 
-def correlation(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two 1-D tensors (float64): NaN when either is constant or holds fewer than 3 values."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+def registered_source(source: Tensor | np.ndarray, phi: Tensor) -> Tensor:
+    """The source image warped by the map ``phi`` (source voxels, ``(D, *target)``) onto the target grid (linear,
+    zeros outside), float32 on ``phi``'s device."""
+    return T.warp(torch.as_tensor(source, device=phi.device).float()[None, None], phi.float()[None])[0, 0]
+
+
+def similarity_after_registration(warped: Tensor, target: Tensor, region: Tensor) -> float:
+    """Normalised cross-correlation (Pearson) of the registered source (:func:`registered_source`) and the target
+    over ``region`` (a mask or flat indices, :func:`_select`; tensors on one device), in float64: 1 for a perfect
+    match up to intensity scale; NaN when either is constant or the region holds fewer than 3 voxels."""
+    a, b = _select(warped, region).double(), _select(target, region).double()
+    a, b = a - a.mean(), b - b.mean()
     scale = float((a.square().sum() * b.square().sum()).sqrt())
     return float((a * b).sum()) / scale if a.numel() >= 3 and scale > 0 else float("nan")
-
-
-def similarity_after_registration(source: Tensor, target: Tensor, phi: Tensor, region: Tensor) -> float:
-    """Normalised cross-correlation (Pearson) of the source warped by ``phi`` (source voxels, ``(D, *target)``)
-    and the target over ``region`` (a mask or flat indices, :func:`_select`; tensors on one device): 1 for a
-    perfect match up to intensity scale; NaN when either is constant."""
-    warped = T.warp(source.float()[None, None], phi.float()[None])[0, 0]
-    return correlation(_select(warped, region), _select(target, region))
 
 
 def quantile(values: Tensor, q: float) -> float:
@@ -194,10 +195,10 @@ def pair_summary(result: UncertaintyResult, source_affine: np.ndarray, region: n
         })
         if source is not None and target is not None:
             tgt = torch.as_tensor(target, device=dev).float()
-            warped = T.warp(torch.as_tensor(source, device=dev).float()[None, None], phi[None])[0, 0]
-            window = lncc_window(target_affine)
-            out.update(similarity_ncc=correlation(_select(warped, region), _select(tgt, region)),
-                       similarity_lncc=float(_select(local_ncc(warped, tgt, window), region).mean()))
+            warped = registered_source(source, phi)
+            lncc = local_ncc(warped, tgt, lncc_window(target_affine))
+            out.update(similarity_ncc=similarity_after_registration(warped, tgt, region),
+                       similarity_lncc=float(_select(lncc, region).mean()))
     if result.prediction_given:
         out.update(transform_deviation(result, source_affine, region, dev))
     if labels is not None:

@@ -34,16 +34,21 @@ def voxel_features(std_mm: np.ndarray, prediction_map: np.ndarray, source: np.nd
     (torch imported here: applying a fitted model, :class:`VoxelErrorModel`, needs numpy only.)"""
     import torch
 
-    from equiqc.pipeline import transforms as T
-    from equiqc.pipeline.scores import lncc_window, local_ncc, nonlinear_part_mm, world_displacement_mm
+    from equiqc.pipeline.scores import (
+        lncc_window,
+        local_ncc,
+        nonlinear_part_mm,
+        registered_source,
+        world_displacement_mm,
+    )
 
     phi = torch.as_tensor(np.asarray(prediction_map), dtype=torch.float32)
     flat = torch.as_tensor(np.asarray(region)).flatten().nonzero().squeeze(1)
-    warped = T.warp(torch.as_tensor(source, dtype=torch.float32)[None, None], phi[None])[0, 0]
+    warped = registered_source(source, phi)
     mismatch = 1.0 - local_ncc(warped, torch.as_tensor(target, dtype=torch.float32), lncc_window(target_affine))
     disp = world_displacement_mm(phi, source_affine, target_affine)
     nonlinear = nonlinear_part_mm(disp, flat) if flat.numel() >= 4 else torch.zeros(phi.shape[1:], dtype=torch.float64)
-    spread = np.log(np.maximum(np.nan_to_num(np.asarray(std_mm, np.float64), nan=np.nan), 0.0) + FLOOR_MM)
+    spread = np.log(np.maximum(np.asarray(std_mm, np.float64), 0.0) + FLOOR_MM)  # NaN stays NaN
     return np.stack([spread, mismatch.numpy(), np.log(nonlinear.numpy() + FLOOR_MM)]).astype(np.float32)
 
 

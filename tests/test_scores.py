@@ -197,15 +197,16 @@ def test_fov_loss_counts_what_the_prediction_maps_outside_the_source():
 
 
 def test_similarity_after_registration_and_its_reason():
-    from equiqc.pipeline.scores import similarity_after_registration
+    from equiqc.pipeline.scores import registered_source, similarity_after_registration
 
     rng = np.random.default_rng(0)
     image = torch.as_tensor(rng.random((6, 7, 5)), dtype=torch.float32)
     identity = T.identity_grid(image.shape)[0]
     region = torch.ones(image.shape, dtype=torch.bool)
-    assert similarity_after_registration(image, 2 * image + 1, identity, region) == pytest.approx(1.0)
-    assert abs(similarity_after_registration(image, torch.rand(image.shape), identity, region)) < 0.3
-    assert math.isnan(similarity_after_registration(image, torch.ones(image.shape), identity, region))
+    warped = registered_source(image, identity)
+    assert similarity_after_registration(warped, 2 * image + 1, region) == pytest.approx(1.0)
+    assert abs(similarity_after_registration(warped, torch.rand(image.shape), region)) < 0.3
+    assert math.isnan(similarity_after_registration(warped, torch.ones(image.shape), region))
     cohort = [row(f"s{i}", similarity_ncc=0.9 + 0.005 * i) for i in range(8)]
     rows = decide([*cohort, row("bad", similarity_ncc=0.4)])
     assert next(r for r in rows if r["pair_id"] == "bad")["flag_reasons"] == ["similarity"]

@@ -63,25 +63,24 @@ def voxel_samples(work: str | Path, rows: list[dict], seed: int = 0) -> list[dic
     and true error (mm) of up to :data:`VOXELS_PER_PAIR` random voxels of its evaluation region, read from the
     work folder's stores; ``[]`` when the results hold no prediction (``--store minimal``)."""
     from equiqc.pipeline.scores import map_error_mm
-    from equiqc.pipeline.voxel_error import VOXEL_FEATURES, voxel_features
+    from equiqc.pipeline.voxel_error import VOXEL_FEATURES
     from equiqc.storage.cohort import read_pair
     from equiqc.storage.results import ResultNotFound, read_array
     from equiqc.storage.run_folder import cohort_store, results_store
+    from equiqc.workflows.tasks import pair_voxel_features
 
     rng = np.random.default_rng(seed)
     out = []
     for r in rows:
         stored = read_pair(cohort_store(work), r["pair_id"])
-        src, tgt = stored["source"], stored["target"]
         try:
             phi, _ = read_array(results_store(work), r["pair_id"], "prediction_map")
         except ResultNotFound:
             return []
         std, _ = read_array(results_store(work), r["pair_id"], "std_mm")
-        region = np.isfinite(std) & (stored["target_mask"].data > 0 if "target_mask" in stored else True)
-        maps = voxel_features(std, phi, src.data, tgt.data, src.affine, tgt.affine, region)
+        maps, region = pair_voxel_features(std, phi, stored)
         error = map_error_mm(np.asarray(phi, np.float64), np.asarray(stored["ground_truth"].data, np.float64),
-                             src.affine)
+                             stored["source"].affine)
         index = np.flatnonzero(region)
         index = rng.choice(index, min(VOXELS_PER_PAIR, index.size), replace=False)
         out.append({"pair_id": r["pair_id"], "family": r["family"],

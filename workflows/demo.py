@@ -209,7 +209,8 @@ def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas:
     """
     out, (t1, affine, brain, labels) = _write_atlas(out, atlas, mask)
     gen = torch.Generator().manual_seed(seed)
-    other = elsewhere = None  # another brain: centred (a second anatomy), where its header puts it (a failure)
+    other = other_brain = elsewhere = None  # another brain: centred (a second anatomy, its mask), where its header
+    # puts it (a failure)
     rows, injected = [], []
     for i, item in enumerate(plan):
         kind, anatomy_name = item.get("kind", "good"), item.get("anatomy", "template")
@@ -220,11 +221,12 @@ def build_family_cohort(out: str | Path, plan: list[dict], seed: int = 0, atlas:
             raise ValueError(f"unknown anatomy {anatomy_name!r}; known: {', '.join(ANATOMIES)}")
         if anatomy_name == "other" and other is None:
             other = other_anatomy(atlas, t1, affine)
+            other_brain = other > 0.05 * other.max()
             save_volume(out / "other_atlas.nii.gz", other, affine)
-            save_volume(out / "other_atlas_brain_mask.nii.gz", (other > 0.05 * other.max()).astype(np.uint8), affine)
+            save_volume(out / "other_atlas_brain_mask.nii.gz", other_brain.astype(np.uint8), affine)
         if failure and failure.needs_other and elsewhere is None:
             elsewhere = other_anatomy(atlas, t1, affine, centred=False)
-        base, region = (other, other > 0.05 * other.max()) if anatomy_name == "other" else (t1, brain)
+        base, region = (other, other_brain) if anatomy_name == "other" else (t1, brain)
         strength = float(item["strength"]) * (failure.strength if failure else 1.0)
         fwd, inv = draw_pair_map(item["family"], t1.shape, affine, gen, strength, region=region)
         if failure and failure.velocity_mm:

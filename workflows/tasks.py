@@ -102,17 +102,26 @@ VOXEL_MODEL_KEY = "voxel_model"  # in the tasks' config record: the calibration'
 # it comes with the calibration the run chose, and does not key the results)
 
 
-def error_map(result: UncertaintyResult, stored: dict, model: dict) -> np.ndarray:
-    """The pair's ``error_mm`` (target grid, mm; NaN where ``std_mm`` is) from a voxel model's record
-    (:mod:`equiqc.pipeline.voxel_error`), over the target mask (else every voxel with a spread) for the affine fit
-    of the deformation's nonlinear part."""
-    from equiqc.pipeline.voxel_error import VoxelErrorModel, voxel_features
+def pair_voxel_features(std_mm: np.ndarray, prediction_map: np.ndarray, stored: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(feature maps, region)`` of a pair (:func:`equiqc.pipeline.voxel_error.voxel_features`): the region is its
+    target mask (else every voxel) where ``std_mm`` is finite, also the affine fit's region for the nonlinear part."""
+    from equiqc.pipeline.voxel_error import voxel_features
 
     src, tgt = stored["source"], stored["target"]
-    valid = np.isfinite(result.std_mm)
-    region = valid & (stored["target_mask"].data > 0) if "target_mask" in stored else valid
-    maps = voxel_features(result.std_mm, result.prediction_map, src.data, tgt.data, src.affine, tgt.affine, region)
-    return np.where(valid, VoxelErrorModel.from_dict(model).predict(maps), np.nan).astype(np.float32)
+    region = np.isfinite(std_mm)
+    if "target_mask" in stored:
+        region &= stored["target_mask"].data > 0
+    return voxel_features(std_mm, prediction_map, src.data, tgt.data, src.affine, tgt.affine, region), region
+
+
+def error_map(result: UncertaintyResult, stored: dict, model: dict) -> np.ndarray:
+    """The pair's ``error_mm`` (target grid, mm; NaN where ``std_mm`` is) from a voxel model's record
+    (:mod:`equiqc.pipeline.voxel_error`)."""
+    from equiqc.pipeline.voxel_error import VoxelErrorModel
+
+    maps, _ = pair_voxel_features(result.std_mm, result.prediction_map, stored)
+    return np.where(np.isfinite(result.std_mm), VoxelErrorModel.from_dict(model).predict(maps),
+                    np.nan).astype(np.float32)
 
 
 def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, config: RunConfig) -> dict | None:
