@@ -26,7 +26,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 # public name -> the module that defines it (imported lazily, PEP 562)
 _PUBLIC = {
     "estimate_uncertainty": "equiqc.pipeline.estimator",
-    "EstimatorConfig": "equiqc.pipeline.estimator",
+    "EstimatorConfig": "equiqc.pipeline.estimator_config",
     "UncertaintyResult": "equiqc.pipeline.estimator",
     "PerturbationConfig": "equiqc.pipeline.perturbation_config",
     "RegistrationBackend": "equiqc.pipeline.backends.base",

@@ -69,6 +69,8 @@ class DecisionRules:
     min_outlier_ratio: float = 1.5
     fov_threshold: float = 0.05
     min_similarity_drop: float = 0.1
+    # 1 mm: on the ANTs validation cohort (docs/models/ants.md) a pair's own transform file deviated 0.04-0.75 mm
+    # (p95), a truncated registration 1.29-3.93 mm, another subject's or a flipped header's 6.8-59 mm
     deviation_mm: float = 1.0
 
 

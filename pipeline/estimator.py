@@ -41,41 +41,11 @@ from equiqc.pipeline import moments as M
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.backends import base as B
 from equiqc.pipeline.backends.base import RegistrationBackend
+from equiqc.pipeline.estimator_config import EstimatorConfig
 from equiqc.pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
 
 __all__ = ["EstimatorConfig", "UncertaintyResult", "estimate_uncertainty", "min_valid_samples", "mc_dropout_config"]
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class EstimatorConfig:
-    """How many samples, in which batches, and of which perturbations.
-
-    samples: K, the number of perturbations.
-    batch_size: forwards per model call (a batch always holds whole groups of ``draws``); ``None``: chosen
-        for the device (:func:`default_batch_size`).
-    draws: predictions per perturbation (>1 only for stochastic backends; enables the variance split).
-    include_unperturbed: count the unperturbed prediction as one more sample (``tau = id``).
-    covariance: compute the covariance components (``covariance_mm2`` and, with draws, the split); without
-        it only the trace is accumulated (``std_mm``), which needs only the diagonal on axis-aligned grids.
-    """
-
-    samples: int = 16
-    batch_size: int | None = None
-    draws: int = 1
-    include_unperturbed: bool = False
-    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
-    covariance: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("samples", "batch_size", "draws"):
-            value = getattr(self, name)
-            if name == "batch_size" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"estimator option {name} must be an integer >= 1, got {value!r}")
-        if self.samples * self.draws + int(self.include_unperturbed) * self.draws < 2:
-            raise ValueError("at least two samples are needed to estimate a spread")
 
 
 # A voxel's spread is reported only where at least this fraction of the samples (and never fewer than
@@ -105,7 +75,7 @@ def default_batch_size(device: torch.device | str, samples: int) -> int:
     return CPU_BATCH_SIZE if torch.device(device).type != "cuda" else max(1, min(samples, GPU_MAX_BATCH_SIZE))
 
 
-def mc_dropout_config(samples: int = 16, batch_size: int | None = None) -> EstimatorConfig:
+def mc_dropout_config(samples: int = EstimatorConfig.samples, batch_size: int | None = None) -> EstimatorConfig:
     """The MC-dropout baseline: K unperturbed predictions of a backend built with ``mc_dropout=True``."""
     return EstimatorConfig(samples=samples, batch_size=batch_size, perturbation=PerturbationConfig(kind="none"))
 
@@ -114,20 +84,21 @@ def mc_dropout_config(samples: int = 16, batch_size: int | None = None) -> Estim
 class UncertaintyResult:
     """Per-voxel statistics on the target grid (spatial axes in array order).
 
-    std_mm: ``sqrt(trace(Cov[psi]))`` in mm, ``(*target)``; NaN where ``n_valid < min_valid_samples(n_samples)``.
-    covariance_mm2: symmetric covariance components (mm^2), ``(n_comp, *target)``, order ``components``
-        (source world axes); ``None`` when the estimate was asked for the spread only.
-    mean_map: mean composed map ``E[psi]`` in source voxel units, ``(D, *target)``, NaN where no sample
-        is valid (the test-time-augmented registration).
-    prediction_map: the unperturbed prediction ``R(A, B)`` in source voxel units, ``(D, *target)``; or the
-        registration given to :func:`estimate_uncertainty` (``prediction_given``).
-    n_valid: valid samples per voxel, ``(*target)``.
-    intrinsic_spread_mm2, bias_jitter_mm2: the split of ``covariance_mm2`` (same layout) when the backend
-        is stochastic and ``draws > 1``; they add up to ``covariance_mm2``.
-    timings_s: wall time per stage, seconds: prepare (the backend's per-pair work), perturb (dense
-        perturbations: integrating the coarse field), forward (the backend's calls, including sampling the
-        perturbed source and mapping back), compose (composing back, validity), statistics, total.
-    batch_size: the forwards per model call the estimate ran with (after any out-of-memory halving).
+    Attributes:
+        std_mm: ``sqrt(trace(Cov[psi]))`` in mm, ``(*target)``; NaN where ``n_valid < min_valid_samples(n_samples)``.
+        covariance_mm2: symmetric covariance components (mm^2), ``(n_comp, *target)``, order ``components``
+            (source world axes); ``None`` when the estimate was asked for the spread only.
+        mean_map: mean composed map ``E[psi]`` in source voxel units, ``(D, *target)``, NaN where no sample
+            is valid (the test-time-augmented registration).
+        prediction_map: the unperturbed prediction ``R(A, B)`` in source voxel units, ``(D, *target)``; or the
+            registration given to :func:`estimate_uncertainty` (``prediction_given``).
+        n_valid: valid samples per voxel, ``(*target)``.
+        intrinsic_spread_mm2, bias_jitter_mm2: the split of ``covariance_mm2`` (same layout) when the backend
+            is stochastic and ``draws > 1``; they add up to ``covariance_mm2``.
+        timings_s: wall time per stage, seconds: prepare (the backend's per-pair work), perturb (dense
+            perturbations: integrating the coarse field), forward (the backend's calls, including sampling the
+            perturbed source and mapping back), compose (composing back, validity), statistics, total.
+        batch_size: the forwards per model call the estimate ran with (after any out-of-memory halving).
     """
 
     std_mm: np.ndarray

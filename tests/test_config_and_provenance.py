@@ -294,12 +294,20 @@ def test_an_option_is_declared_once_and_reaches_every_command_and_the_schema(tmp
     import dataclasses
 
     from equiqc.workflows.cli import build_parser
-    from equiqc.workflows.config import ESTIMATE, RUN, RunConfig, cli_options, load_config_file, options_help
+    from equiqc.workflows.config import (
+        ESTIMATE,
+        RUN,
+        RUN_COMMANDS,
+        RunConfig,
+        cli_options,
+        load_config_file,
+        options_help,
+    )
 
     parser = build_parser()
     commands = {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
                 for name, sub in action.choices.items()}
-    groups = {RUN: ("run", "demo", "calibrate", "bids", "fmriprep"), ESTIMATE: ("estimate",)}
+    groups = {RUN: RUN_COMMANDS, ESTIMATE: ("estimate",)}
     declared = {f.name: f for f in dataclasses.fields(RunConfig)}
     for group, names in groups.items():
         options = cli_options(group)
@@ -320,3 +328,56 @@ def test_an_option_is_declared_once_and_reaches_every_command_and_the_schema(tmp
     run = parser.parse_args(["run", "m.csv", "--out", "o"])
     estimate = parser.parse_args(["estimate", "s.nii.gz", "t.nii.gz"])
     assert run.samples is None and estimate.samples is None  # both: the option's (or the model's) default
+
+
+def test_the_pipelines_dataclasses_own_the_defaults_of_the_options_they_take():
+    """RunConfig's K, draws, batch size, perturbation family and decision thresholds are the defaults of
+    EstimatorConfig, PerturbationConfig and DecisionRules (no second literal that could drift)."""
+    import dataclasses
+
+    from equiqc.pipeline.decision import DecisionRules
+    from equiqc.pipeline.estimator_config import EstimatorConfig
+    from equiqc.pipeline.perturbation_config import PerturbationConfig
+
+    config = RunConfig()
+    shared = 0
+    for cls in (EstimatorConfig, DecisionRules):
+        for f in dataclasses.fields(cls):
+            if hasattr(config, f.name) and f.name != "perturbation":  # RunConfig's is PerturbationConfig's kind
+                assert getattr(config, f.name) == f.default, (cls.__name__, f.name)
+                shared += 1
+    assert shared >= 9
+    assert config.perturbation == PerturbationConfig().kind
+    assert config.decision_rules() == DecisionRules() and config.estimator_config().samples == EstimatorConfig().samples
+    changed = RunConfig(tolerance_mm=2.0, deviation_mm=0.5, samples=4)
+    assert changed.decision_rules().tolerance_mm == 2.0 and changed.decision_rules().deviation_mm == 0.5
+    assert changed.estimator_config().samples == 4
+
+
+def test_a_task_uses_the_configuration_built_in_the_client_without_rebuilding_it(tmp_path, monkeypatch):
+    """The tasks get one TaskConfig (RunConfig, estimator settings, result key) and never re-validate it: a pair
+    computes with validation switched off."""
+    from equiqc.storage.manifest import read_manifest
+    from equiqc.workflows import config as config_module
+    from equiqc.workflows.tasks import TaskConfig, pairs_task
+
+    manifest = tiny_cohort(tmp_path / "c", pairs=1)
+    task = TaskConfig.of(RunConfig(samples=2))
+
+    def no_rebuild(config):
+        raise AssertionError("a task rebuilt its configuration")
+
+    monkeypatch.setattr(config_module, "validate", no_rebuild)
+    rows = pairs_task(read_manifest(manifest), str(tmp_path / "cohort.zarr"), str(tmp_path / "results.zarr"), task)
+    assert [r["status"] for r in rows] == ["complete"] and rows[0]["n_samples"] == 2
+
+
+def test_the_model_registry_and_its_defaults_load_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from equiqc.pipeline.backends.registry import model_atlas, model_defaults; "
+            "import equiqc.workflows.config; "
+            "print('torch' in sys.modules, dict(model_defaults('ants')), model_atlas('multipropreg'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False {'perturbation': 'rigid', 'samples': 8} multipropreg"

@@ -8,10 +8,11 @@ import pytest
 import zarr
 from distributed import Client, LocalCluster
 
+from equiqc.pipeline.backends.registry import model_defaults
 from equiqc.storage import results as R
 from equiqc.workflows.cli import main
 from equiqc.workflows.cluster import ClusterHandle
-from equiqc.workflows.config import MODEL_DEFAULTS, ConfigError, RunConfig, make_config
+from equiqc.workflows.config import ConfigError, RunConfig, make_config
 from equiqc.workflows.demo import build_demo_cohort, demo_summary
 from equiqc.workflows.run import rebuild_report, run_cohort
 
@@ -35,7 +36,7 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_model_defaults_sit_under_the_config_file_and_flags(tmp_path):
-    recommended = MODEL_DEFAULTS["multipropreg"]["perturbation"]
+    recommended = model_defaults("multipropreg")["perturbation"]
     assert recommended != RunConfig().perturbation
     assert make_config(model="multipropreg").perturbation == recommended
     assert make_config(model="default").perturbation == RunConfig().perturbation

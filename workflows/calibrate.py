@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import equiqc
+from equiqc.pipeline.backends.registry import model_atlas
 from equiqc.pipeline.calibration import FEATURES, TARGET, feature_matrix, fit_feature_calibration, leave_one_family_out
 from equiqc.pipeline.voxel_error import fit_and_judge
 from equiqc.storage.calibration import write_calibration
@@ -115,7 +116,7 @@ def calibrate(config: RunConfig, out: str | Path, work: str | Path, pairs_per_fa
             raise ConfigError(f"template file not found: {path}")
     config = dataclasses.replace(config, calibration=NO_CALIBRATION)
     config = dataclasses.replace(config, weights_sha256=probe_model(config).weights_sha256)
-    atlas = Path(template) if template else "multipropreg" if config.model == "multipropreg" else "mni"
+    atlas = Path(template) if template else model_atlas(config.model)
     seed = config.seed
     anatomies = ("template", "other") if other_anatomy_available(atlas) else ("template",)
     if len(anatomies) == 1:

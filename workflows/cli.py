@@ -18,7 +18,7 @@ from pathlib import Path
 
 import equiqc
 from equiqc.errors import UserError
-from equiqc.workflows.config import ESTIMATE, RUN, cli_options
+from equiqc.workflows.config import ESTIMATE, RUN, cli_options, flag_name
 
 NO_PAIR_COMPLETED = 3
 
@@ -42,7 +42,7 @@ def _config_flags(p: argparse.ArgumentParser, group: str) -> None:
             kwargs["type"] = base
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
-        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+        p.add_argument(flag_name(name), **kwargs)
 
 
 def _model_declarations(p: argparse.ArgumentParser) -> None:
@@ -195,11 +195,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import json
 
+    from equiqc.pipeline.backends.registry import model_atlas
     from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort, demo_summary
     from equiqc.workflows.run import run_cohort
 
     config = _config(args)
-    atlas = "multipropreg" if config.model == "multipropreg" else "mni"
+    atlas = model_atlas(config.model)
     cohort = build_demo_cohort(args.out, pairs=args.pairs, seed=args.seed or 0, atlas=atlas)
     print(f"demo cohort: {args.pairs} pairs from the {atlas} atlas -> {cohort.manifest}")
     if atlas == "mni":
@@ -395,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmp = sub.add_parser("fmriprep", help="BIDS App: QC of fMRIPrep/sMRIPrep's T1w-to-template normalisations (their "
                          "xfm.h5 checked against perturbed replays of their ANTs registration); participant, then "
                          "group level")
-    fmp.add_argument("fmriprep_dir", help="fMRIPrep's (or sMRIPrep's) output folder: sub-*/ and "
-                     "dataset_description.json")
+    fmp.add_argument("fmriprep_dir", help="fMRIPrep's (or sMRIPrep's) output folder: its sub-<label> "
+                     "folders and dataset_description.json")
     fmp.add_argument("out", help="the derivatives folder (also an equiqc run folder)")
     fmp.add_argument("level", choices=("participant", "group"))
     fmp.add_argument("--space", default="MNI152NLin2009cAsym", help="the template space whose normalisation is "

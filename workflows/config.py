@@ -25,6 +25,9 @@ from pathlib import Path
 import yaml
 
 from equiqc.errors import UserError
+from equiqc.pipeline.backends.registry import model_defaults
+from equiqc.pipeline.decision import DecisionRules
+from equiqc.pipeline.estimator_config import EstimatorConfig
 from equiqc.pipeline.perturbation_config import KINDS, PerturbationConfig
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
@@ -34,20 +37,18 @@ METHODS = ("equivariance", "mc-dropout")
 # option's flag from its field here (name, type, default, choices, help): declare an option once, below.
 RUN, ESTIMATE = "run", "estimate"
 BOTH = (RUN, ESTIMATE)
-# Defaults that depend on the model, applied before the config file and flags (which override them).
-# MultiPropReg recovers only part of a rigid motion (it was trained on affinely pre-aligned brains), so rigid
-# or translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
-# everywhere in the demo) and their test-time mean is worse than the prediction; it does undo smooth local
-# perturbations (test-time mean = prediction), the family its equivariance covers (docs/validation.md).
-# ANTs: rigid perturbations reach ANTs exactly (as a change of the source's header, no resampling) and its
-# registrations are seeded; K = 8 (each perturbed registration is a whole ANTs run; docs/models/ants.md).
-MODEL_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorphic"},
-                                   "ants": {"perturbation": "rigid", "samples": 8}}
+RUN_COMMANDS = ("run", "demo", "calibrate", "bids", "fmriprep")  # the commands of group RUN
 CLUSTERS = ("local", "cuda", "slurm", "pbs")
 
 
 class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message names the option and what to do."""
+
+
+def _default_of(cls, name: str):
+    """The default of field ``name`` of the pipeline's dataclass ``cls``: the options the pipeline takes (K, the
+    perturbation, the decision's thresholds) have their defaults there, once, and :class:`RunConfig` reads them."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _opt(default, help: str, **rules):
@@ -63,16 +64,17 @@ class RunConfig:
                       "torchscript:PATH | python:package.module:factory | an equiqc.backends entry point", cli=BOTH)
     weights: str | None = _opt(None, "local weights file for the model (nothing is downloaded)", cli=BOTH)
     method: str = _opt("equivariance", "equivariance or mc-dropout", choices=METHODS, cli=(RUN,))
-    perturbation: str = _opt("rigid", "perturbation family", choices=KINDS, cli=BOTH,
-                             default_text="default: the model's, rigid for most models")
+    perturbation: str = _opt(_default_of(PerturbationConfig, "kind"), "perturbation family", choices=KINDS,
+                             cli=BOTH, default_text="default: the model's, rigid for most models")
     perturbation_options: dict = _opt(dict, "PerturbationConfig magnitudes (mm, degrees)")
     model_options: dict = _opt(dict, "keyword arguments of the backend factory (convention, input_shape...)")
-    samples: int = _opt(16, "K perturbations (or MC-dropout samples) per pair", min=1, cli=BOTH,
-                        default_text="default: the model's, 16 for most models")
-    batch_size: int | None = _opt(None, "samples per model call", min=1, cli=BOTH,
-                                  default_text="default: 1 on a CPU, where it is fastest per sample; on a GPU as "
-                                  "many as memory allows, up to 64")
-    draws: int = _opt(1, "predictions per perturbation (stochastic models only)", min=1, cli=BOTH)
+    samples: int = _opt(_default_of(EstimatorConfig, "samples"), "K perturbations (or MC-dropout samples) per pair",
+                        min=1, cli=BOTH, default_text="default: the model's, 16 for most models")
+    batch_size: int | None = _opt(_default_of(EstimatorConfig, "batch_size"), "samples per model call", min=1,
+                                  cli=BOTH, default_text="default: 1 on a CPU, where it is fastest per sample; on a "
+                                  "GPU as many as memory allows, up to 64")
+    draws: int = _opt(_default_of(EstimatorConfig, "draws"), "predictions per perturbation (stochastic models only)",
+                      min=1, cli=BOTH)
     seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0, cli=BOTH)
     cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS, cli=(RUN,))
     scheduler: str | None = _opt(None, "address of an existing Dask scheduler (tcp://host:port)", cli=(RUN,))
@@ -85,19 +87,22 @@ class RunConfig:
     max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1, cli=(RUN,))
     retries: int = _opt(2, "times a task lost with its worker is retried", min=0)
     overwrite: bool = _opt(False, "replace results of another configuration in the output folder", cli=(RUN,))
-    tolerance_mm: float = _opt(3.0, "registration error (mm) a pair may have: above it, reason 'uncertainty'", min=0,
+    # The decision's thresholds: their defaults, and why, are in equiqc.pipeline.decision.DecisionRules.
+    tolerance_mm: float = _opt(_default_of(DecisionRules, "tolerance_mm"), "registration error (mm) a pair may "
+                               "have: above it, reason 'uncertainty'", min=0, cli=(RUN,))
+    folding_threshold: float = _opt(_default_of(DecisionRules, "folding_threshold"), "folding fraction above which "
+                                    "a pair is flagged", min=0, max=1)
+    noise_floor_mm: float = _opt(_default_of(DecisionRules, "noise_floor_mm"), "added to the p95 spread before the "
+                                 "cohort's log-scale context", min=0.001)
+    fence_mad: float = _opt(_default_of(DecisionRules, "fence_mad"), "cohort fences (reasons 'outlier', "
+                            "'similarity'): median +- this many robust sds (1.4826 MAD) of the cohort's log p95 "
+                            "spread and similarity", min=0)
+    fov_threshold: float = _opt(_default_of(DecisionRules, "fov_threshold"), "fraction of the region mapped "
+                                "outside the source above which a pair is flagged (reason 'fov')", min=0, max=1)
+    deviation_mm: float = _opt(_default_of(DecisionRules, "deviation_mm"), "a given transform (manifest column "
+                               "transform) whose 95th-percentile distance from the perturbed registrations' mean is "
+                               "above this (mm) and above 3x the pair's p95 spread is flagged 'deviation'", min=0,
                                cli=(RUN,))
-    folding_threshold: float = _opt(0.01, "folding fraction above which a pair is flagged", min=0, max=1)
-    noise_floor_mm: float = _opt(0.1, "added to the p95 spread before the cohort's log-scale context", min=0.001)
-    fence_mad: float = _opt(3.5, "cohort fences (reasons 'outlier', 'similarity'): median +- this many robust sds "
-                            "(1.4826 MAD) of the cohort's log p95 spread and similarity", min=0)
-    fov_threshold: float = _opt(0.05, "fraction of the region mapped outside the source above which a pair is "
-                                "flagged (reason 'fov')", min=0, max=1)
-    # 1 mm: on the ANTs validation cohort (docs/models/ants.md) a pair's own transform file deviated 0.04-0.75 mm
-    # (p95), a truncated registration 1.29-3.93 mm, another subject's or a flipped header's 6.8-59 mm
-    deviation_mm: float = _opt(1.0, "a given transform (manifest column transform) whose 95th-percentile distance "
-                               "from the perturbed registrations' mean is above this (mm) and above 3x the pair's "
-                               "p95 spread is flagged 'deviation'", min=0, cli=(RUN,))
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
                       "the prediction, for export and figures), full (every array)", choices=tuple(STORE_LEVELS),
@@ -115,18 +120,12 @@ class RunConfig:
         kind = "none" if self.method == "mc-dropout" else self.perturbation
         return PerturbationConfig(kind=kind, **self.perturbation_options)
 
-    def decision_rules(self):
+    def decision_rules(self) -> DecisionRules:
         """The :class:`~equiqc.pipeline.decision.DecisionRules` of this run."""
-        from equiqc.pipeline.decision import DecisionRules
+        return DecisionRules(**{name: getattr(self, name) for name in _shared_fields(DecisionRules)})
 
-        return DecisionRules(tolerance_mm=self.tolerance_mm, folding_threshold=self.folding_threshold,
-                             noise_floor_mm=self.noise_floor_mm, fence_mad=self.fence_mad,
-                             fov_threshold=self.fov_threshold, deviation_mm=self.deviation_mm)
-
-    def estimator_config(self):
-        """The :class:`~equiqc.pipeline.estimator.EstimatorConfig` of this run (imports torch)."""
-        from equiqc.pipeline.estimator import EstimatorConfig
-
+    def estimator_config(self) -> EstimatorConfig:
+        """The :class:`~equiqc.pipeline.estimator_config.EstimatorConfig` of this run."""
         return EstimatorConfig(samples=self.samples, batch_size=self.batch_size, draws=self.draws,
                                perturbation=self.perturbation_config(),
                                covariance="covariance_mm2" in STORE_LEVELS[self.store])
@@ -150,6 +149,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _shared_fields(cls) -> list[str]:
+    """The fields of the pipeline's dataclass ``cls`` that are options of :class:`RunConfig` (same name)."""
+    ours = {f.name for f in fields(RunConfig)}
+    return [f.name for f in fields(cls) if f.name in ours]
 
 
 def _type_ok(value, hint) -> bool:
@@ -239,15 +244,51 @@ def cli_options(group: str) -> list[tuple[str, type, object, dict]]:
     return out
 
 
-def options_help() -> str:
-    """Every config-file option with its type and meaning (for ``equiqc options`` and the docs)."""
+def flag_name(option: str) -> str:
+    """The command-line flag of config option ``option`` (``tolerance_mm`` -> ``--tolerance-mm``)."""
+    return "--" + option.replace("_", "-")
+
+
+def _allowed(rules: dict) -> str:
+    if "choices" in rules:
+        return " | ".join(map(str, rules["choices"]))
+    bounds = [f">= {rules['min']}" if "min" in rules else "", f"<= {rules['max']}" if "max" in rules else ""]
+    return ", ".join(b for b in bounds if b)
+
+
+def _default_text(default, rules: dict) -> str:
+    if "default_text" in rules:
+        return rules["default_text"].removeprefix("default: ")
+    return "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
+
+
+def option_rows() -> list[dict[str, str]]:
+    """Every option a user can set (not the internal ones), in declaration order, as text: ``name``, ``flag``
+    (empty: config file only), ``commands`` (those taking the flag), ``type``, ``default``, ``allowed``
+    (choices or range) and ``help``. ``equiqc options`` prints them and the docs' reference is built from them."""
     hints = _hints()
-    lines = []
+    rows = []
     for f in fields(RunConfig):
-        if f.metadata.get("internal"):
+        rules = f.metadata
+        if rules.get("internal"):
             continue
         default = f.default_factory() if callable(f.default_factory) else f.default
-        lines.append(f"{f.name:20s} {_describe(hints[f.name])}; default {default!r}: {f.metadata['help']}")
+        groups = rules.get("cli", ())
+        commands = [*(RUN_COMMANDS if RUN in groups else ()), *(("estimate",) if ESTIMATE in groups else ())]
+        rows.append({"name": f.name, "flag": flag_name(f.name) if groups else "", "commands": ", ".join(commands),
+                     "type": _describe(hints[f.name]), "default": _default_text(default, rules),
+                     "allowed": _allowed(rules), "help": rules["help"]})
+    return rows
+
+
+def options_help() -> str:
+    """Every config-file option with its flag, type, default and meaning (``equiqc options``)."""
+    lines = []
+    for row in option_rows():
+        flag = f"{row['flag']} ({row['commands']})" if row["flag"] else "config file only"
+        allowed = f"; allowed: {row['allowed']}" if row["allowed"] else ""
+        lines.append(f"{row['name']}  [{flag}]\n    {row['type']}; default: {row['default']}{allowed}\n"
+                     f"    {row['help']}")
     return "\n".join(lines)
 
 
@@ -284,13 +325,14 @@ RENAMED = {"fence_iqr": "replaced by fence_mad: the cohort fences are now the me
 
 
 def make_config(file: str | Path | None = None, model_options: dict | None = None, **overrides) -> RunConfig:
-    """Defaults <- the model's defaults (:data:`MODEL_DEFAULTS`) <- config file <- overrides (``None`` values
-    in overrides are ignored). ``model_options`` from flags are merged into the file's ``model_options``."""
+    """Defaults <- the model's recommendations (:func:`~equiqc.pipeline.backends.registry.model_defaults`) <-
+    config file <- overrides (``None`` values in overrides are ignored). ``model_options`` from flags are merged
+    into the file's ``model_options``."""
     data = load_config_file(file) if file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if model_options:
         if not isinstance(data.get("model_options", {}), dict):
             raise ConfigError(f"option model_options: expected a mapping, got {data['model_options']!r}")
         data["model_options"] = {**data.get("model_options", {}), **model_options}
-    data = {**MODEL_DEFAULTS.get(str(data.get("model", "default")), {}), **data}
+    data = {**model_defaults(str(data.get("model", "default"))), **data}
     return RunConfig(**data)

@@ -46,7 +46,15 @@ from equiqc.workflows.cluster import GPU_RESOURCE, ClusterHandle, make_cluster
 from equiqc.workflows.config import ConfigError, RunConfig, config_from_record
 from equiqc.workflows.logs import LOGGER, log_to_folder, progress_bar
 from equiqc.workflows.provenance import device_description, environment, now_utc, probe_model
-from equiqc.workflows.tasks import VOXEL_MODEL_KEY, estimate_task, ingest_task, pairs_task, write_task
+from equiqc.workflows.tasks import (
+    TaskConfig,
+    base_row,
+    estimate_task,
+    ingest_task,
+    pairs_task,
+    row_from_marker,
+    write_task,
+)
 
 
 @dataclass
@@ -302,24 +310,24 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
 
     open_cohort(store)  # create the groups once, before workers write pairs into them
     open_results(results)
-    config_dict = config.to_dict() | ({VOXEL_MODEL_KEY: voxel_model.to_dict()} if voxel_model else {})
+    task = TaskConfig.of(config, voxel_model.to_dict() if voxel_model else None)
     futures: dict = {}  # future -> the specs whose rows it returns
     if handle.gpu:
         for spec in specs:  # the graph's shape: see equiqc.workflows.tasks
             pid = spec.pair_id
             ingest = client.submit(ingest_task, spec, store, config.max_voxels, key=f"ingest-{pid}",
                                    retries=config.retries, pure=False)
-            estimate = client.submit(estimate_task, ingest, spec.subject_id, store, results, config_dict, write=False,
+            estimate = client.submit(estimate_task, ingest, spec.subject_id, store, results, task, write=False,
                                      key=f"estimate-{pid}", resources=dict(GPU_RESOURCE), retries=config.retries,
                                      pure=False)
-            futures[client.submit(write_task, estimate, results, config_dict, key=f"write-{pid}", priority=1,
+            futures[client.submit(write_task, estimate, results, task, key=f"write-{pid}", priority=1,
                                   retries=config.retries, pure=False)] = [spec]
     else:
         size = pairs_per_task(len(specs), expected_workers(handle))
         for start in range(0, len(specs), size):
             batch = specs[start:start + size]
             key = f"pair-{batch[0].pair_id}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
-            futures[client.submit(pairs_task, batch, store, results, config_dict, key=key, retries=config.retries,
+            futures[client.submit(pairs_task, batch, store, results, task, key=key, retries=config.retries,
                                   pure=False)] = batch
     rows: dict[str, dict] = {}
     # results come with their futures, every finished one at once: a result() call per future cost the client a
@@ -333,7 +341,7 @@ def _execute(specs: list[PairSpec], out_dir: Path, config: RunConfig, handle: Cl
                     # a task of several pairs died (past its retries): each of them again on its own, so a pair
                     # that kills its worker costs only itself (pairs already written come back from their markers)
                     for spec in done:
-                        retry = client.submit(pairs_task, [spec], store, results, config_dict,
+                        retry = client.submit(pairs_task, [spec], store, results, task,
                                               key=f"pair-{spec.pair_id}-alone", retries=config.retries, pure=False)
                         futures[retry] = [spec]
                         finished.add(retry)
@@ -397,7 +405,6 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
     ``ratings`` (a TSV) is merged into the folder's ``ratings.tsv``, where every rating stays."""
     from equiqc.storage import results as R
     from equiqc.storage.cohort import IngestOutcome, pair_status
-    from equiqc.workflows.tasks import base_row, row_from_marker
 
     out_dir = Path(out_dir)
     info = RF.read_run_record(out_dir)
@@ -413,19 +420,19 @@ def _rebuild_report(out_dir: str | Path, tolerance_mm: float | None = None,
         merge_ratings(out_dir, read_ratings(ratings, {s.pair_id for s in specs}))
     provenance = {**info.get("provenance", {}), "report_rebuilt": now_utc()}
     start = time.perf_counter()
-    rows = []
+    task, rows = TaskConfig.of(config), []
     for spec in specs:
         attrs = pair_status(RF.cohort_store(out_dir), spec.pair_id)
         outcome = IngestOutcome(spec.pair_id, "failed" if attrs.get("status") == "failed" else "ingested",
                                 attrs.get("error"), attrs.get("input_hash"))
         row, failure = None, None
         if attrs.get("status") == "ok":
-            row = row_from_marker(outcome, spec.subject_id, str(RF.results_store(out_dir)), config)
-            failure = R.read_failure(RF.results_store(out_dir), spec.pair_id, config.result_key(), outcome.input_hash)
+            row = row_from_marker(outcome, spec.subject_id, str(RF.results_store(out_dir)), task)
+            failure = R.read_failure(RF.results_store(out_dir), spec.pair_id, task.result_key, outcome.input_hash)
         if row is None:
             error = attrs.get("error") if attrs.get("status") == "failed" else failure["error"] if failure else (
                 "no complete result; run `equiqc run` again to compute it")
-            row = {**base_row(outcome, spec.subject_id, config), "status": "failed", "error": error,
+            row = {**base_row(outcome, spec.subject_id, task), "status": "failed", "error": error,
                    "_traceback": failure.get("traceback") if failure else None}
         row.pop("_computed", None)
         rows.append(row)

@@ -34,12 +34,13 @@ import torch
 import equiqc
 from equiqc.pipeline.backends.registry import load_backend
 from equiqc.pipeline.estimator import UncertaintyResult, estimate_uncertainty
+from equiqc.pipeline.estimator_config import EstimatorConfig
 from equiqc.pipeline.perturbations import pair_seed
 from equiqc.pipeline.scores import pair_summary
 from equiqc.storage import results as R
 from equiqc.storage.cohort import IngestOutcome, ingest_and_keep, ingest_pair, read_pair
 from equiqc.storage.manifest import PairSpec
-from equiqc.workflows.config import RunConfig, config_from_record
+from equiqc.workflows.config import RunConfig
 
 _BACKENDS: dict = {}
 
@@ -79,11 +80,29 @@ def _from_json(d: dict) -> dict:
     return {k: (np.nan if v is None else v) for k, v in d.items()}
 
 
-def base_row(outcome: IngestOutcome, subject_id: str, config: RunConfig) -> dict:
-    est = config.estimator_config()
-    n = est.samples * est.draws
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the pair tasks need of the run, built once in the client (:meth:`of`) and sent to the workers as it is
+    (a task neither rebuilds nor re-validates it): the run's configuration, its estimator settings, the key its
+    results are stored under (:meth:`~equiqc.workflows.config.RunConfig.result_key`), and the voxel model of the
+    calibration the run chose (its record, :mod:`equiqc.pipeline.voxel_error`; None: no ``error_mm``), which does
+    not key the results."""
+
+    run: RunConfig
+    estimator: EstimatorConfig
+    result_key: dict
+    voxel_model: dict | None = None
+
+    @classmethod
+    def of(cls, run: RunConfig, voxel_model: dict | None = None) -> TaskConfig:
+        return cls(run, run.estimator_config(), run.result_key(), voxel_model)
+
+
+def base_row(outcome: IngestOutcome, subject_id: str, task: TaskConfig) -> dict:
+    """The columns of a pair's report row that come from the run, not from its result."""
+    config, est = task.run, task.estimator
     return {"subject_id": subject_id, "pair_id": outcome.pair_id, "model": config.model, "method": config.method,
-            "perturbation": est.perturbation.kind, "seed": config.seed, "n_samples": n}
+            "perturbation": est.perturbation.kind, "seed": config.seed, "n_samples": est.samples * est.draws}
 
 
 def summarise(result: UncertaintyResult, stored: dict, config: RunConfig, device: str = "cpu") -> dict:
@@ -98,8 +117,6 @@ def summarise(result: UncertaintyResult, stored: dict, config: RunConfig, device
                         target_affine=tgt.affine, device=device)
 
 
-VOXEL_MODEL_KEY = "voxel_model"  # in the tasks' config record: the calibration's voxel model (not a RunConfig field:
-# it comes with the calibration the run chose, and does not key the results)
 
 
 def pair_voxel_features(std_mm: np.ndarray, prediction_map: np.ndarray, stored: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -124,12 +141,12 @@ def error_map(result: UncertaintyResult, stored: dict, model: dict) -> np.ndarra
                     np.nan).astype(np.float32)
 
 
-def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, config: RunConfig) -> dict | None:
+def row_from_marker(outcome: IngestOutcome, subject_id: str, results_root: str, task: TaskConfig) -> dict | None:
     """The report row of a pair whose stored result is complete for this configuration, else None."""
-    if R.status(results_root, outcome.pair_id, config.result_key(), outcome.input_hash) != "complete":
+    if R.status(results_root, outcome.pair_id, task.result_key, outcome.input_hash) != "complete":
         return None
     marker = R.read_marker(results_root, outcome.pair_id)
-    return {**base_row(outcome, subject_id, config), **_from_json(marker["summary"]), "status": "complete",
+    return {**base_row(outcome, subject_id, task), **_from_json(marker["summary"]), "status": "complete",
             "runtime_s": marker["runtime_s"], "_computed": False}
 
 
@@ -159,17 +176,17 @@ def _failed(outcome: IngestOutcome, row: dict, results_root: str, key: dict) -> 
 
 
 def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, results_root: str,
-                  config_dict: dict, write: bool = True, stored: dict | None = None) -> dict | Estimated:
+                  task: TaskConfig, write: bool = True, stored: dict | None = None) -> dict | Estimated:
     """Estimate one pair; with ``write``, also summarise and write it and return its report row, else return the
     :class:`Estimated` pair for :func:`write_task`. A pair that failed ingest, or whose result is already complete,
     is returned as its row at once. ``stored``: the pair's volumes when the caller has them (as
     :func:`~equiqc.storage.cohort.read_pair` gives them), else they are read from the cohort store. Never raises for
     a bad pair (its row says why)."""
-    config = config_from_record(config_dict)
-    row = base_row(outcome, subject_id, config)
+    config = task.run
+    row = base_row(outcome, subject_id, task)
     if outcome.status == "failed":
         return {**row, "status": "failed", "error": outcome.error, "_computed": False}
-    done = row_from_marker(outcome, subject_id, results_root, config)
+    done = row_from_marker(outcome, subject_id, results_root, task)
     if done is not None:
         return done
     try:
@@ -180,7 +197,7 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         given = stored["transform"].data if "transform" in stored else None  # a pipeline's own registration
         try:
             result = estimate_uncertainty(backend, src.data, tgt.data, src.affine, tgt.affine,
-                                          config.estimator_config(), seed=pair_seed(config.seed, outcome.pair_id),
+                                          task.estimator, seed=pair_seed(config.seed, outcome.pair_id),
                                           prediction=given)
         finally:
             _keep_console(backend, results_root, outcome.pair_id)
@@ -189,43 +206,42 @@ def estimate_task(outcome: IngestOutcome, subject_id: str, cohort_store: str, re
         summary = None if write else summarise(result, stored, config, worker_device())
         estimated = Estimated(outcome, subject_id, result, stored, time.perf_counter() - start, summary)
     except Exception:  # one bad pair never stops the cohort: report it and carry on
-        return _failed(outcome, row, results_root, config.result_key())
-    return write_task(estimated, results_root, config_dict) if write else estimated
+        return _failed(outcome, row, results_root, task.result_key)
+    return write_task(estimated, results_root, task) if write else estimated
 
 
-def write_task(estimated: Estimated | dict, results_root: str, config_dict: dict) -> dict:
+def write_task(estimated: Estimated | dict, results_root: str, task: TaskConfig) -> dict:
     """Summarise an estimated pair and write its results (arrays, then the completion marker); returns its report
     row (a row passes through unchanged). Never raises for a bad pair."""
     if isinstance(estimated, dict):
         return estimated
-    config = config_from_record(config_dict)
+    config, voxel_model = task.run, task.voxel_model
     outcome, stored, result = estimated.outcome, estimated.stored, estimated.result
-    row = base_row(outcome, estimated.subject_id, config)
+    row = base_row(outcome, estimated.subject_id, task)
     try:
         start = time.perf_counter()
         summary = estimated.summary if estimated.summary is not None else summarise(result, stored, config)
         runtime = estimated.seconds + time.perf_counter() - start
-        voxel_model = config_dict.get(VOXEL_MODEL_KEY)
         extra = {"summary": _json_safe(summary), "runtime_s": runtime, "version": equiqc.__version__,
                  "timings_s": result.timings_s, "source_affine": stored["source"].affine.tolist(),
                  **({"error_mm_model": voxel_model} if voxel_model else {})}
         arrays = {"error_mm": error_map(result, stored, voxel_model)} if voxel_model else None
-        R.write_result(results_root, outcome.pair_id, result, stored["target"].affine, config.result_key(),
+        R.write_result(results_root, outcome.pair_id, result, stored["target"].affine, task.result_key,
                        outcome.input_hash, extra=extra, overwrite=config.overwrite, level=config.store, arrays=arrays)
         return {**row, **summary, "status": "complete", "runtime_s": runtime, "_computed": True}
     except Exception:
-        return _failed(outcome, row, results_root, config.result_key())
+        return _failed(outcome, row, results_root, task.result_key)
 
 
-def pairs_task(specs: list[PairSpec], cohort_store: str, results_root: str, config_dict: dict) -> list[dict]:
+def pairs_task(specs: list[PairSpec], cohort_store: str, results_root: str, task: TaskConfig) -> list[dict]:
     """:func:`pair_task` for each of ``specs``, one after another (CPU workers: one Dask task for a few small pairs,
     :func:`equiqc.workflows.run.pairs_per_task`); their report rows in the same order. Each pair is written as it
     finishes, so a task that dies part way loses nothing already computed."""
-    return [pair_task(spec, cohort_store, results_root, config_dict) for spec in specs]
+    return [pair_task(spec, cohort_store, results_root, task) for spec in specs]
 
 
-def pair_task(spec: PairSpec, cohort_store: str, results_root: str, config_dict: dict) -> dict:
+def pair_task(spec: PairSpec, cohort_store: str, results_root: str, task: TaskConfig) -> dict:
     """Ingest, estimate and write one pair in one task (CPU workers), the volumes just ingested used as they are;
     returns its report row."""
-    outcome, volumes = ingest_and_keep(spec, cohort_store, config_from_record(config_dict).max_voxels)
-    return estimate_task(outcome, spec.subject_id, cohort_store, results_root, config_dict, stored=volumes)
+    outcome, volumes = ingest_and_keep(spec, cohort_store, task.run.max_voxels)
+    return estimate_task(outcome, spec.subject_id, cohort_store, results_root, task, stored=volumes)

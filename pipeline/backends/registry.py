@@ -8,25 +8,61 @@ entry-point group ``equiqc.backends``: an entry point ``name = package.module:fa
 ``--model name`` call ``factory(weights=..., device=..., mc_dropout=..., **options)``, which returns an
 object implementing :class:`~equiqc.pipeline.backends.base.RegistrationBackend`. In-process,
 :func:`register_backend` does the same.
+
+Each model may recommend run options (:func:`model_defaults`: its perturbation family, K) and name the atlas its
+demo and calibration cohorts are built from (:func:`model_atlas`); a run's config file and flags override them.
+This module imports torch only when a backend is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from equiqc.pipeline.backends.base import RegistrationBackend
+if TYPE_CHECKING:
+    from equiqc.pipeline.backends.base import RegistrationBackend
 
-__all__ = ["load_backend", "register_backend", "available", "ENTRY_POINT_GROUP"]
+__all__ = ["load_backend", "register_backend", "available", "model_defaults", "model_atlas", "ENTRY_POINT_GROUP"]
 
-Factory = Callable[..., RegistrationBackend]
+Factory = Callable[..., "RegistrationBackend"]
 _REGISTRY: dict[str, Factory] = {}
 ENTRY_POINT_GROUP = "equiqc.backends"
 
+# Run options a model recommends (applied under the config file and flags).
+# MultiPropReg recovers only part of a rigid motion (it was trained on affinely pre-aligned brains), so rigid
+# or translation perturbations mostly measure that shortfall (about the same in every pair; rigid: ~5 mm std
+# everywhere in the demo) and their test-time mean is worse than the prediction; it does undo smooth local
+# perturbations (test-time mean = prediction), the family its equivariance covers (docs/validation.md).
+# ANTs: rigid perturbations reach ANTs exactly (as a change of the source's header, no resampling) and its
+# registrations are seeded; K = 8 (each perturbed registration is a whole ANTs run; docs/models/ants.md).
+_DEFAULTS: dict[str, dict] = {"multipropreg": {"perturbation": "diffeomorphic"},
+                              "ants": {"perturbation": "rigid", "samples": 8}}
+# The atlas a model's demo and calibration cohorts are built from: "mni" (MNI152 2009, 2 mm) unless the model was
+# trained on its own atlas's grid and intensities (MultiPropReg: its adult atlas, FreeSurfer-conformed).
+_ATLASES: dict[str, str] = {"multipropreg": "multipropreg"}
 
-def register_backend(name: str, factory: Factory) -> None:
-    """Make ``--model name`` use ``factory(weights=, device=, mc_dropout=, **options)``."""
+
+def register_backend(name: str, factory: Factory, defaults: dict | None = None, atlas: str | None = None) -> None:
+    """Make ``--model name`` use ``factory(weights=, device=, mc_dropout=, **options)``; ``defaults``: the run
+    options it recommends (e.g. ``{"perturbation": "diffeomorphic"}``), ``atlas``: ``"mni"`` or
+    ``"multipropreg"`` for its demo and calibration cohorts."""
     _REGISTRY[name] = factory
+    if defaults is not None:
+        _DEFAULTS[name] = dict(defaults)
+    if atlas is not None:
+        _ATLASES[name] = atlas
+
+
+def model_defaults(name: str) -> MappingProxyType:
+    """The run options model ``name`` recommends (read-only; empty for most models)."""
+    return MappingProxyType(_DEFAULTS.get(name, {}))
+
+
+def model_atlas(name: str) -> str:
+    """The atlas of model ``name``'s demo and calibration cohorts: ``"mni"`` or ``"multipropreg"``."""
+    return _ATLASES.get(name, "mni")
 
 
 def _builtin(name: str) -> Factory | None:
