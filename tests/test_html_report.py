@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import CHROMIUM_FLAGS, chromium, screenshot_report
 from distributed import Client, LocalCluster, get_task_stream
 from PIL import Image
 
@@ -21,19 +22,6 @@ from equiqc.workflows.config import RunConfig
 from equiqc.workflows.demo import LABEL_NAMES, build_demo_cohort
 from equiqc.workflows.pair_figures import FIGURE_WIDTH, _lut
 from equiqc.workflows.run import run_cohort
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=10000"]
-
-
-def chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
-        pytest.skip("chromium not installed (apt-get install chromium)")
-    return exe
 
 
 def table_rows(page: str) -> list[dict]:
@@ -116,10 +104,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         assert counts[:4] == [1, 1, 4, "4 of 4 shown"] and counts[4] == "sub-999_to_atlas"  # descending by pair
     finally:
         tools.close()
-    profile = ["--user-data-dir=" + str(tmp_path / "profile2")]
-    shot = tmp_path / "report.png"
-    subprocess.run([exe, *CHROMIUM_FLAGS, *profile, "--window-size=1280,2400", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120)
+    shot = screenshot_report.screenshot(run_dir / "report.html", tmp_path / "report.png", 1280, 2400)
     assert shot.exists() and shot.stat().st_size > 20_000
     keep = os.environ.get("EQUIQC_SCREENSHOT_DIR")
     if keep:
