@@ -262,10 +262,11 @@ def _default_text(default, rules: dict) -> str:
     return "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
 
 
-def option_rows() -> list[dict[str, str]]:
+def option_rows() -> list[dict]:
     """Every option a user can set (not the internal ones), in declaration order, as text: ``name``, ``flag``
-    (empty: config file only), ``commands`` (those taking the flag), ``type``, ``default``, ``allowed``
-    (choices or range) and ``help``. ``equiqc options`` prints them and the docs' reference is built from them."""
+    (empty: config file only), ``commands`` (those taking the flag), ``type``, ``default`` (a value, or a sentence
+    where ``default_is_prose``: the model's, the device's), ``allowed`` (choices or range) and ``help``.
+    ``equiqc options`` prints them and the docs' reference is built from them."""
     hints = _hints()
     rows = []
     for f in fields(RunConfig):
@@ -277,7 +278,7 @@ def option_rows() -> list[dict[str, str]]:
         commands = [*(RUN_COMMANDS if RUN in groups else ()), *(("estimate",) if ESTIMATE in groups else ())]
         rows.append({"name": f.name, "flag": flag_name(f.name) if groups else "", "commands": ", ".join(commands),
                      "type": _describe(hints[f.name]), "default": _default_text(default, rules),
-                     "allowed": _allowed(rules), "help": rules["help"]})
+                     "default_is_prose": "default_text" in rules, "allowed": _allowed(rules), "help": rules["help"]})
     return rows
 
 
