@@ -41,7 +41,7 @@ from equiqc.pipeline import moments as M
 from equiqc.pipeline import transforms as T
 from equiqc.pipeline.backends import base as B
 from equiqc.pipeline.backends.base import RegistrationBackend
-from equiqc.pipeline.estimator_config import EstimatorConfig
+from equiqc.pipeline.estimator_config import CPU_BATCH_SIZE, GPU_MAX_BATCH_SIZE, EstimatorConfig
 from equiqc.pipeline.perturbations import PerturbationConfig, Perturbations, sample_perturbations
 
 __all__ = ["EstimatorConfig", "UncertaintyResult", "estimate_uncertainty", "min_valid_samples", "mc_dropout_config"]
@@ -60,18 +60,14 @@ def min_valid_samples(n_samples: int) -> int:
     return min(n_samples, max(MIN_VALID_SAMPLES, math.ceil(MIN_VALID_FRACTION * n_samples)))
 
 
-# Measured with benchmarks/performance.py (default model, one thread, 2 mm MNI pair): on a CPU a batch of 1
-# is the fastest per sample (a batch of 4 was 1.3x slower per sample for the network alone).
-CPU_BATCH_SIZE = 1
-# On a GPU the first pair of a shape tries every sample in one call, halving on out-of-memory; the size
-# that fit is remembered for later pairs of the same backend and shapes (per worker process).
-GPU_MAX_BATCH_SIZE = 64
+# GPU batch sizes that fit, remembered for later pairs of the same backend and shapes (per worker process).
 _GPU_BATCH: dict[tuple, int] = {}
 
 
 def default_batch_size(device: torch.device | str, samples: int) -> int:
     """Forwards per model call when none is asked for: 1 on a CPU, all ``samples`` (at most
-    :data:`GPU_MAX_BATCH_SIZE`) on a GPU, where out-of-memory halves it (see :func:`estimate_uncertainty`)."""
+    :data:`~equiqc.pipeline.estimator_config.GPU_MAX_BATCH_SIZE`) on a GPU, where out-of-memory halves it (see
+    :func:`estimate_uncertainty`)."""
     return CPU_BATCH_SIZE if torch.device(device).type != "cuda" else max(1, min(samples, GPU_MAX_BATCH_SIZE))
 
 

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 from equiqc.pipeline.perturbation_config import PerturbationConfig
 
-__all__ = ["EstimatorConfig"]
+__all__ = ["EstimatorConfig", "CPU_BATCH_SIZE", "GPU_MAX_BATCH_SIZE"]
+
+# Measured with benchmarks/performance.py (default model, one thread, 2 mm MNI pair): on a CPU a batch of 1
+# is the fastest per sample (a batch of 4 was 1.3x slower per sample for the network alone).
+CPU_BATCH_SIZE = 1
+# On a GPU the first pair of a shape tries every sample in one call (at most this many), halving on out-of-memory
+# (equiqc.pipeline.estimator.default_batch_size).
+GPU_MAX_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ def _config_flags(p: argparse.ArgumentParser, group: str) -> None:
     """A flag for every option of ``group`` (workflows/config.py declares them: name, type, default, choices, help);
     no flag has a default of its own (None: the config file's value, else the option's default)."""
     for name, base, default, meta in cli_options(group):
-        shown = meta.get("default_text") or (f"default {default}" if default is not None and default is not False
-                                             else None)
+        shown = (f"default: {meta['default_text']}" if "default_text" in meta
+                 else f"default {default}" if default is not None and default is not False else None)
         kwargs: dict = {"default": None, "help": meta["help"] + (f" ({shown})" if shown else "")}
         if base is bool:
             kwargs["action"] = "store_true"

@@ -26,8 +26,8 @@ import yaml
 
 from equiqc.errors import UserError
 from equiqc.pipeline.backends.registry import model_defaults
-from equiqc.pipeline.decision import DecisionRules
-from equiqc.pipeline.estimator_config import EstimatorConfig
+from equiqc.pipeline.decision import DEVIATION_SPREAD_FACTOR, DecisionRules
+from equiqc.pipeline.estimator_config import CPU_BATCH_SIZE, GPU_MAX_BATCH_SIZE, EstimatorConfig
 from equiqc.pipeline.perturbation_config import KINDS, PerturbationConfig
 from equiqc.storage.levels import DEFAULT_LEVEL, STORE_LEVELS
 
@@ -45,12 +45,6 @@ class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message names the option and what to do."""
 
 
-def _default_of(cls, name: str):
-    """The default of field ``name`` of the pipeline's dataclass ``cls``: the options the pipeline takes (K, the
-    perturbation, the decision's thresholds) have their defaults there, once, and :class:`RunConfig` reads them."""
-    return next(f.default for f in fields(cls) if f.name == name)
-
-
 def _opt(default, help: str, **rules):
     """A config field: its default, a one-line meaning, and validation rules (choices, min, max, internal) and the
     command-line groups that take it as a flag (``cli``; :func:`cli_options`)."""
@@ -64,22 +58,22 @@ class RunConfig:
                       "torchscript:PATH | python:package.module:factory | an equiqc.backends entry point", cli=BOTH)
     weights: str | None = _opt(None, "local weights file for the model (nothing is downloaded)", cli=BOTH)
     method: str = _opt("equivariance", "equivariance or mc-dropout", choices=METHODS, cli=(RUN,))
-    perturbation: str = _opt(_default_of(PerturbationConfig, "kind"), "perturbation family", choices=KINDS,
-                             cli=BOTH, default_text="default: the model's, rigid for most models")
+    perturbation: str = _opt(PerturbationConfig.kind, "perturbation family", choices=KINDS,
+                             cli=BOTH, default_text=f"the model's, {PerturbationConfig.kind} for most models")
     perturbation_options: dict = _opt(dict, "PerturbationConfig magnitudes (mm, degrees)")
     model_options: dict = _opt(dict, "keyword arguments of the backend factory (convention, input_shape...)")
-    samples: int = _opt(_default_of(EstimatorConfig, "samples"), "K perturbations (or MC-dropout samples) per pair",
-                        min=1, cli=BOTH, default_text="default: the model's, 16 for most models")
-    batch_size: int | None = _opt(_default_of(EstimatorConfig, "batch_size"), "samples per model call", min=1,
-                                  cli=BOTH, default_text="default: 1 on a CPU, where it is fastest per sample; on a "
-                                  "GPU as many as memory allows, up to 64")
-    draws: int = _opt(_default_of(EstimatorConfig, "draws"), "predictions per perturbation (stochastic models only)",
+    samples: int = _opt(EstimatorConfig.samples, "K perturbations (or MC-dropout samples) per pair",
+                        min=1, cli=BOTH, default_text=f"the model's, {EstimatorConfig.samples} for most models")
+    batch_size: int | None = _opt(EstimatorConfig.batch_size, "samples per model call", min=1,
+                                  cli=BOTH, default_text=f"{CPU_BATCH_SIZE} on a CPU, where it is fastest per "
+                                  f"sample; on a GPU as many as memory allows, up to {GPU_MAX_BATCH_SIZE}")
+    draws: int = _opt(EstimatorConfig.draws, "predictions per perturbation (stochastic models only)",
                       min=1, cli=BOTH)
     seed: int = _opt(0, "run seed; each pair's generator is seeded by (seed, pair id)", min=0, cli=BOTH)
     cluster: str = _opt("local", "local, cuda, slurm or pbs", choices=CLUSTERS, cli=(RUN,))
     scheduler: str | None = _opt(None, "address of an existing Dask scheduler (tcp://host:port)", cli=(RUN,))
     workers: int | None = _opt(None, "worker processes (local), GPUs (cuda) or jobs (slurm/pbs)", min=1, cli=(RUN,),
-                               default_text="default: one per core or GPU")
+                               default_text="one per core or GPU")
     cluster_options: dict = _opt(dict, "dask-jobqueue / dask-cuda / LocalCluster keyword arguments")
     gpus_per_worker: int | None = _opt(None, "slurm/pbs: GPUs each job requests; its worker runs one thread and "
                                        "advertises GPU=1 (equiqc uses one GPU per worker)", choices=(1,))
@@ -87,21 +81,23 @@ class RunConfig:
     max_voxels: int | None = _opt(64_000_000, "refuse volumes larger than this (memory guard)", min=1, cli=(RUN,))
     retries: int = _opt(2, "times a task lost with its worker is retried", min=0)
     overwrite: bool = _opt(False, "replace results of another configuration in the output folder", cli=(RUN,))
-    # The decision's thresholds: their defaults, and why, are in equiqc.pipeline.decision.DecisionRules.
-    tolerance_mm: float = _opt(_default_of(DecisionRules, "tolerance_mm"), "registration error (mm) a pair may "
+    # Options the pipeline takes have their defaults in its dataclasses (EstimatorConfig, PerturbationConfig, and
+    # DecisionRules for the decision's thresholds, with why): read from there, never written twice.
+    tolerance_mm: float = _opt(DecisionRules.tolerance_mm, "registration error (mm) a pair may "
                                "have: above it, reason 'uncertainty'", min=0, cli=(RUN,))
-    folding_threshold: float = _opt(_default_of(DecisionRules, "folding_threshold"), "folding fraction above which "
+    folding_threshold: float = _opt(DecisionRules.folding_threshold, "folding fraction above which "
                                     "a pair is flagged", min=0, max=1)
-    noise_floor_mm: float = _opt(_default_of(DecisionRules, "noise_floor_mm"), "added to the p95 spread before the "
+    noise_floor_mm: float = _opt(DecisionRules.noise_floor_mm, "added to the p95 spread before the "
                                  "cohort's log-scale context", min=0.001)
-    fence_mad: float = _opt(_default_of(DecisionRules, "fence_mad"), "cohort fences (reasons 'outlier', "
+    fence_mad: float = _opt(DecisionRules.fence_mad, "cohort fences (reasons 'outlier', "
                             "'similarity'): median +- this many robust sds (1.4826 MAD) of the cohort's log p95 "
                             "spread and similarity", min=0)
-    fov_threshold: float = _opt(_default_of(DecisionRules, "fov_threshold"), "fraction of the region mapped "
+    fov_threshold: float = _opt(DecisionRules.fov_threshold, "fraction of the region mapped "
                                 "outside the source above which a pair is flagged (reason 'fov')", min=0, max=1)
-    deviation_mm: float = _opt(_default_of(DecisionRules, "deviation_mm"), "a given transform (manifest column "
+    deviation_mm: float = _opt(DecisionRules.deviation_mm, "a given transform (manifest column "
                                "transform) whose 95th-percentile distance from the perturbed registrations' mean is "
-                               "above this (mm) and above 3x the pair's p95 spread is flagged 'deviation'", min=0,
+                               f"above this (mm) and above {DEVIATION_SPREAD_FACTOR:g}x the pair's p95 spread is "
+                               "flagged 'deviation'", min=0,
                                cli=(RUN,))
     label_names: dict = _opt(dict, "label value -> name for per-structure summaries")
     store: str = _opt(DEFAULT_LEVEL, "what results.zarr keeps per pair: minimal (std_mm, n_valid), standard (adds "
@@ -258,7 +254,7 @@ def _allowed(rules: dict) -> str:
 
 def _default_text(default, rules: dict) -> str:
     if "default_text" in rules:
-        return rules["default_text"].removeprefix("default: ")
+        return rules["default_text"]
     return "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
 
 
