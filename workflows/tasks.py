@@ -117,8 +117,6 @@ def summarise(result: UncertaintyResult, stored: dict, config: RunConfig, device
                         target_affine=tgt.affine, device=device)
 
 
-
-
 def pair_voxel_features(std_mm: np.ndarray, prediction_map: np.ndarray, stored: dict) -> tuple[np.ndarray, np.ndarray]:
     """``(feature maps, region)`` of a pair (:func:`equiqc.pipeline.voxel_error.voxel_features`): the region is its
     target mask (else every voxel) where ``std_mm`` is finite, also the affine fit's region for the nonlinear part."""
