@@ -31,18 +31,23 @@ PAIRS_FIRST = """<script>(() => { let hide = false; for (const el of [...documen
   if (hide && el.tagName !== 'SCRIPT') el.style.display = 'none'; } })();</script>"""
 
 
+def chromium_path() -> str | None:
+    """Chromium's executable (Debian names it ``chromium``, others ``chromium-browser``), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def find_chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    exe = chromium_path()
     if exe is None:
         raise SystemExit("screenshot_report: chromium is not installed (apt-get install chromium)")
     return exe
 
 
-def screenshot(html: Path, png: Path, width: int = 1280, height: int = 1000, profile: Path | None = None) -> Path:
-    """``png``: Chromium's rendering of the page ``html`` in a ``width`` x ``height`` window (pixels)."""
+def screenshot(html: Path, png: Path, width: int = 1280, height: int = 1000) -> Path:
+    """``png``: Chromium's rendering of the page ``html`` in a ``width`` x ``height`` window (pixels), with a
+    fresh profile."""
     with tempfile.TemporaryDirectory() as scratch:
-        user_data = profile or Path(scratch) / "profile"
-        done = subprocess.run([find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={user_data}",
+        done = subprocess.run([find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={Path(scratch) / 'profile'}",
                                f"--window-size={width},{height}", f"--screenshot={png}", html.resolve().as_uri()],
                               capture_output=True, text=True, timeout=120)
     if not png.exists():
